@@ -1,0 +1,1 @@
+"""cmkd_scale: cross-model knowledge distillation for audio at AudioSet scale."""

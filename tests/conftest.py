@@ -1,0 +1,37 @@
+"""Shared fixtures. Real components everywhere; tiny sizes so the suite fits 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CMKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (AudioSet label index, eval CSV, a real clip); skips when absent."""
+    if not (SHARED_DATA / "audioset" / "class_labels_indices.csv").is_file():
+        pytest.skip(f"real AudioSet files not found under {SHARED_DATA} (set CMKD_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def class_labels_csv(shared_data: Path) -> Path:
+    return shared_data / "audioset" / "class_labels_indices.csv"
+
+
+@pytest.fixture(scope="session")
+def real_clip_wav(shared_data: Path) -> Path:
+    return shared_data / "audio" / "R9_ZSCveAHg_7s.wav"
+
+
+@pytest.fixture(scope="session")
+def real_clip_mp3(shared_data: Path) -> Path:
+    return shared_data / "audio" / "R9_ZSCveAHg_7s.mp3"
