@@ -1,0 +1,147 @@
+"""Decode any downloaded audio, cut the segment, make it 16 kHz mono, encode it as FLAC.
+
+Decoders: soundfile (libsndfile) for wav/flac/ogg/opus/mp3, PyAV (FFmpeg) for m4a/aac/webm and
+as the fallback when libsndfile refuses a file.  Resampling uses
+``torchaudio.functional.resample`` (band-limited windowed-sinc interpolation): it is already
+in the stack (no extra dependency), anti-aliases properly, is deterministic on one thread and
+takes ~4 ms per 10 s clip on one core.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16000
+CUT_TOLERANCE_S = 1.0  # a file longer than the segment by more than this is the whole video
+RESAMPLER = "torchaudio.functional.resample(sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
+FLAC_SUBTYPE = "PCM_16"
+_SOUNDFILE_EXTS = {"wav", "flac", "ogg", "oga", "opus", "mp3"}
+# libsndfile logs "data : 529200 (should be 264578)" for a WAV whose data chunk runs past EOF.
+_WAV_SHORT = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+class DecodeError(RuntimeError):
+    """The file cannot be turned into a clip; the message goes to failed.csv."""
+
+
+def _truncation_check(declared: int, decoded: int, sr: int) -> None:
+    """Refuse a file that decodes to clearly fewer frames than its header declares."""
+    if declared > 0 and decoded < declared - max(0.02 * declared, 0.05 * sr):
+        raise DecodeError(
+            f"truncated: header declares {declared / sr:.2f} s, only {decoded / sr:.2f} s decode"
+        )
+
+
+def _read_soundfile(path: str, start: float, end: float) -> tuple[np.ndarray, int, bool]:
+    """(frames x channels float32, rate, was_cut) via libsndfile, reading only the segment."""
+    with sf.SoundFile(path) as f:
+        sr, total = f.samplerate, f.frames
+        if f.format == "WAV":
+            m = _WAV_SHORT.search(f.extra_info)
+            if m and 0 < int(m.group(2)) < int(m.group(1)) < 0xFFFFFFFF:
+                declared, held = m.groups()
+                raise DecodeError(
+                    f"truncated WAV: data chunk declares {declared} bytes, has {held}"
+                )
+        if total > 0 and total / sr > (end - start) + CUT_TOLERANCE_S:
+            first = round(start * sr)
+            if first >= total:
+                raise DecodeError(f"file is {total / sr:.2f} s long, segment starts at {start} s")
+            want = min(round(end * sr), total) - first
+            f.seek(first)
+            audio = f.read(want, dtype="float32", always_2d=True)
+            _truncation_check(want, len(audio), sr)
+            return audio, sr, True
+        audio = f.read(dtype="float32", always_2d=True)
+        _truncation_check(total, len(audio), sr)
+        return audio, sr, False
+
+
+def _read_pyav(path: str) -> tuple[np.ndarray, int]:
+    """(frames x channels float32, rate) of the first audio stream via FFmpeg."""
+    import av  # imported lazily: only m4a/aac/webm and fallbacks need it
+
+    chunks = []
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise DecodeError("no audio stream in file")
+        stream = container.streams.audio[0]
+        sr = stream.codec_context.sample_rate or stream.rate
+        resampler = None
+        for frame in container.decode(stream):
+            if resampler is None:  # convert to planar float, keep rate and channel layout
+                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.rate)
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        if resampler is not None:
+            chunks.extend(out.to_ndarray() for out in resampler.resample(None))
+    if not chunks or not sr:
+        raise DecodeError("no audio frames decoded")
+    return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), int(sr)
+
+
+def _cut(audio: np.ndarray, sr: int, start: float, end: float) -> np.ndarray:
+    """Cut [start, end] when the file is clearly the whole video; else keep the file."""
+    if len(audio) / sr <= (end - start) + CUT_TOLERANCE_S:
+        return audio
+    first = round(start * sr)
+    if first >= len(audio):
+        raise DecodeError(f"file is {len(audio) / sr:.2f} s long, segment starts at {start} s")
+    return audio[first : round(end * sr)]
+
+
+def decode_segment(path: str, start: float, end: float) -> tuple[np.ndarray, int]:
+    """Frames x channels float32 of the segment [start, end] of ``path``, and its rate."""
+    ext = path.rpartition(".")[2].lower()
+    errors = []
+    if ext in _SOUNDFILE_EXTS:
+        try:
+            audio, sr, _ = _read_soundfile(path, start, end)
+            return audio, sr
+        except DecodeError:
+            raise
+        except Exception as exc:  # libsndfile refused it: let FFmpeg try
+            errors.append(f"soundfile: {exc}")
+    try:
+        audio, sr = _read_pyav(path)
+    except DecodeError as exc:
+        raise DecodeError("; ".join([*errors, f"av: {exc}"])) from None
+    except Exception as exc:
+        raise DecodeError("; ".join([*errors, f"av: {type(exc).__name__}: {exc}"])) from None
+    return _cut(audio, sr, start, end), sr
+
+
+def to_mono_16k(audio: np.ndarray, sr: int) -> np.ndarray:
+    """Average the channels and resample to 16 kHz; returns float32 [frames]."""
+    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    if sr == SAMPLE_RATE:
+        return np.ascontiguousarray(mono, dtype=np.float32)
+    import torch
+    import torchaudio.functional as taf
+
+    with torch.inference_mode():
+        out = taf.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, SAMPLE_RATE)
+    return out.numpy()
+
+
+def to_pcm16(wave: np.ndarray) -> np.ndarray:
+    """Float [-1, 1] -> int16 with rounding and clipping (resampling may overshoot 1.0)."""
+    return np.clip(np.rint(wave * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def encode_flac(pcm: np.ndarray) -> bytes:
+    """16 kHz mono FLAC (PCM_16) bytes; libsndfile's encoder is deterministic."""
+    buf = io.BytesIO()
+    sf.write(buf, pcm, SAMPLE_RATE, format="FLAC", subtype=FLAC_SUBTYPE)
+    return buf.getvalue()
+
+
+def check_flac(data: bytes, pcm: np.ndarray) -> None:
+    """Decode the FLAC bytes we are about to store and require the exact samples back."""
+    back, sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
+    if sr != SAMPLE_RATE or back.shape != (len(pcm), 1) or not np.array_equal(back[:, 0], pcm):
+        raise DecodeError(f"written FLAC does not decode back ({sr} Hz, shape {back.shape})")

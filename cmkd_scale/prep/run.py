@@ -1,0 +1,279 @@
+"""Build this task's shards: locate audio, process clips in parallel, write shards atomically.
+
+A shard is complete once its ``.meta.json`` exists (written last); a rerun skips complete
+shards and rebuilds the rest from scratch, so a run killed at any point finishes with the same
+bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .clip import ClipJob, ClipResult, init_worker, process_clip
+from .locate import AudioIndex
+from .manifest import MANIFEST_FILE, finalize
+from .plan import PLAN_FILE, Plan, PlanError, canonical_json, make_plan, task_shards
+from .progress import Progress
+from .segments import Segment
+from .shards import ShardWriter, multi_hot, sample_json, sha256_of, shard_name
+from .storage import Output
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT = "cmkd_scale.prep-shard/1"
+DEFAULT_SHARD_SIZE = 1000
+
+
+@dataclass
+class ShardWork:
+    """Everything the main process knows about one pending shard before its clips are decoded."""
+
+    j: int
+    jobs: list[ClipJob]
+    missing: list[Segment]
+
+
+class _EmptyShard(Exception):
+    """Raised inside the spool to discard an empty tar."""
+
+
+def _segment_row(seg: Segment) -> dict:
+    return {
+        "source": seg.source,
+        "line": seg.line,
+        "ytid": seg.ytid,
+        "start": seg.start,
+        "end": seg.end,
+        "key": seg.key,
+    }
+
+
+def is_shard_done(out: Output, j: int, fingerprint: str) -> bool:
+    name = f"{shard_name(j)}.meta.json"
+    if not out.exists(name):
+        return False
+    meta = json.loads(out.read_bytes(name))
+    return meta.get("fingerprint") == fingerprint
+
+
+def _claim_plan(out: Output, plan: Plan) -> None:
+    """Write plan.json, or check that the one already in --out describes the same inputs."""
+    data = canonical_json(plan.to_json())
+    if out.exists(PLAN_FILE):
+        old = json.loads(out.read_bytes(PLAN_FILE))
+        if old.get("fingerprint") != plan.fingerprint:
+            raise PlanError(
+                f"{out.url} already holds shards of other inputs or settings "
+                f"(plan {old.get('fingerprint')}, now {plan.fingerprint}; "
+                f"sources {[s['name'] for s in old.get('sources', [])]}): "
+                "use a new --out or delete that one"
+            )
+        if out.read_bytes(PLAN_FILE) == data:
+            return
+    out.write_bytes(PLAN_FILE, data)
+
+
+def _results(works: list[ShardWork], workers: int) -> Iterator[ClipResult]:
+    """Clip results in job order; a pool keeps at most two shards of jobs queued."""
+    if workers <= 1:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one core per worker, and the same arithmetic as the pool
+        try:
+            for work in works:
+                yield from map(process_clip, work.jobs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch/DALI threads exist
+    with ctx.Pool(workers, initializer=init_worker) as pool:
+        queued: deque[Iterator[ClipResult]] = deque()
+        todo = iter(works)
+        for work in todo:
+            queued.append(pool.imap(process_clip, work.jobs, chunksize=4))
+            if len(queued) == 2:
+                break
+        while queued:
+            yield from queued.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queued.append(pool.imap(process_clip, nxt.jobs, chunksize=4))
+
+
+def _write_shard(
+    out: Output,
+    plan: Plan,
+    work: ShardWork,
+    results: Iterator[ClipResult],
+    index: AudioIndex,
+    progress: Progress,
+) -> None:
+    """Consume this shard's clip results, publish tar + idx, then the meta (completion marker)."""
+    name = shard_name(work.j)
+    samples, failed = [], []
+    digest, size = None, 0
+    progress.update(missing=len(work.missing))
+    with contextlib.suppress(_EmptyShard), out.spool(f"{name}.tar") as f:
+        writer = ShardWriter(f)
+        for job in work.jobs:
+            res = next(results)
+            if res.position != job.position:  # would mean results are out of order: a bug
+                raise RuntimeError(f"clip result {res.position} arrived for job {job.position}")
+            seg = plan.segments[job.position]
+            if res.flac is None:
+                failed.append(
+                    {**_segment_row(seg), "audio": index.relative(job.path), "reason": res.error}
+                )
+                progress.update(failed=1)
+                continue
+            writer.add_sample(
+                seg.key,
+                {
+                    "flac": res.flac,
+                    "json": sample_json(seg, res.duration, index.relative(job.path)),
+                    "labels": multi_hot(seg.labels, len(plan.classes)),
+                },
+            )
+            samples.append([seg.key, list(seg.labels)])
+            progress.update(clips=1)
+        idx_bytes = writer.close()
+        if not samples:  # nothing good in this range: publish no tar (DALI cannot read one)
+            raise _EmptyShard
+        f.flush()
+        digest, size = sha256_of(f)
+    if samples:  # the tar is published; its index next, the meta (completion marker) last
+        out.write_bytes(f"{name}.idx", idx_bytes)
+    r = plan.shard_range(work.j)
+    meta = {
+        "format": SHARD_FORMAT,
+        "fingerprint": plan.fingerprint,
+        "shard": work.j,
+        "name": f"{name}.tar",
+        "index": f"{name}.idx",
+        "segments": [r.start, r.stop],
+        "num_samples": len(samples),
+        "bytes": size,
+        "sha256": digest,
+        "samples": samples,
+        "missing": [_segment_row(s) for s in work.missing],
+        "failed": failed,
+    }
+    out.write_bytes(f"{name}.meta.json", canonical_json(meta))
+
+
+def run_task(
+    segments: list[Path],
+    class_labels: Path,
+    audio_dir: Path,
+    out: str,
+    *,
+    workers: int = 1,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    skip_bad_lines: bool = False,
+    num_tasks: int = 1,
+    task_id: int = 0,
+    progress_every_s: float = 10.0,
+) -> tuple[Plan, Output, list[int]]:
+    """Build the shards of task ``task_id``; returns the plan, the output and shards built."""
+    if workers < 1:
+        raise PlanError(f"--workers must be >= 1, got {workers}")
+    plan = make_plan(segments, class_labels, shard_size=shard_size, skip_bad_lines=skip_bad_lines)
+    mine = task_shards(plan.num_shards, num_tasks, task_id)
+    output = Output(out)
+    _claim_plan(output, plan)
+    pending = [j for j in mine if not is_shard_done(output, j, plan.fingerprint)]
+    log.info(
+        "plan %s: %d segments -> %d shards of %d; task %d/%d owns %d shards, %d already complete",
+        plan.fingerprint,
+        len(plan.segments),
+        plan.num_shards,
+        shard_size,
+        task_id,
+        num_tasks,
+        len(mine),
+        len(mine) - len(pending),
+    )
+    if not pending:
+        log.info("nothing to do: all %d shards of this task are complete in %s", len(mine), out)
+        return plan, output, []
+    index = AudioIndex.scan(Path(audio_dir))
+    works = []
+    for j in pending:
+        jobs, missing = [], []
+        for pos in plan.shard_range(j):
+            seg = plan.segments[pos]
+            path = index.find(seg)
+            if path is None:
+                missing.append(seg)
+            else:
+                jobs.append(ClipJob(pos, path, seg.start, seg.end))
+        works.append(ShardWork(j, jobs, missing))
+    total = sum(len(plan.shard_range(j)) for j in pending)
+    progress = Progress(total, progress_every_s)
+    results = _results(works, workers)
+    try:
+        for work in works:
+            _write_shard(output, plan, work, results, index, progress)
+    finally:
+        results.close()  # type: ignore[attr-defined]
+    progress.log(final=True)
+    return plan, output, pending
+
+
+def run_prep(
+    segments: list[Path],
+    class_labels: Path,
+    audio_dir: Path,
+    out: str,
+    *,
+    workers: int = 1,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    skip_bad_lines: bool = False,
+    num_tasks: int = 1,
+    task_id: int = 0,
+    progress_every_s: float = 10.0,
+) -> dict:
+    """Raw AudioSet -> shards.  With one task, also finalize and return the manifest;
+    with several, return this task's summary (run ``finalize`` once all tasks are done)."""
+    plan, output, built = run_task(
+        segments,
+        class_labels,
+        audio_dir,
+        out,
+        workers=workers,
+        shard_size=shard_size,
+        skip_bad_lines=skip_bad_lines,
+        num_tasks=num_tasks,
+        task_id=task_id,
+        progress_every_s=progress_every_s,
+    )
+    if num_tasks == 1:
+        if not built and output.exists(MANIFEST_FILE):
+            manifest = json.loads(output.read_bytes(MANIFEST_FILE))
+            if manifest.get("fingerprint") == plan.fingerprint:
+                log.info("nothing to do: %s is already finalized", out)
+                return manifest
+        return finalize(out)
+    log.info(
+        "task %d/%d done (%d shards built); after all tasks: python -m cmkd_scale.prep finalize "
+        "--out %s",
+        task_id,
+        num_tasks,
+        len(built),
+        out,
+    )
+    return {
+        "task_id": task_id,
+        "num_tasks": num_tasks,
+        "shards_built": built,
+        "num_shards": plan.num_shards,
+        "fingerprint": plan.fingerprint,
+    }
