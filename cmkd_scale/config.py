@@ -42,6 +42,9 @@ class RunConfig:
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10
     deterministic: bool = False
+    # write each rank's batch keys + loss per micro-batch to run.dir/samples/rank<r>.jsonl
+    # (resume checks: same samples seen); off for real runs
+    record_samples: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "run.epochs", "must be >= 1")

@@ -1,0 +1,546 @@
+"""Train a student (with or without a frozen teacher) on DeepSpeed ZeRO.
+
+    python -m cmkd_scale.train --config configs/debug_cpu.yaml [key.sub=value ...]
+    torchrun --nproc_per_node 8 -m cmkd_scale.train --config ...      # or one srun task per rank
+
+One batch's path: TrainLoader (DALI: decode, fbank, SpecAugment, mixup) -> teacher logits on
+that same augmented batch (frozen, no grad) -> student logits (DeepSpeed engine) -> DistillLoss
+-> engine.backward/step.  Every micro-batch ends with ONE all-reduce carrying the losses, a
+non-finite flag and the preemption flag, so all ranks skip or stop at the same step.
+A run dir that holds a checkpoint is resumed automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmkd_scale import dist, engine
+from cmkd_scale.checkpoint import CheckpointManager, TrainerState, copy_export, epoch_tag, step_tag
+from cmkd_scale.config import Config, load_config
+from cmkd_scale.dist import EXIT_REQUEUE
+from cmkd_scale.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf (and run.nonfinite_loss says stop, or the skip budget is spent)."""
+
+
+class JsonlLog:
+    """Rank 0's local record of metrics (``metrics.jsonl``); a no-op elsewhere."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class StepMeter:
+    """Accumulates one optimizer step's micro-batches for the per-step metrics."""
+
+    start: float = 0.0
+    micro: int = 0
+    loss: float = 0.0
+    label_loss: float = 0.0
+    kd_loss: float = 0.0
+    data_wait: float = 0.0
+    teacher_ms: float = 0.0
+    lr: float = 0.0
+
+    def add(self, losses: torch.Tensor, data_wait: float, teacher_ms: float) -> None:
+        self.micro += 1
+        self.loss += float(losses[0])
+        self.label_loss += float(losses[1])
+        self.kd_loss += float(losses[2])
+        self.data_wait += data_wait
+        self.teacher_ms += teacher_ms
+
+
+class Trainer:
+    """Owns the run: loaders, student engine, teacher, loss, checkpoints, tracker."""
+
+    def __init__(self, cfg: Config) -> None:
+        from cmkd_scale.data import EvalLoader, TrainLoader
+        from cmkd_scale.distill import DistillLoss
+        from cmkd_scale.models import build_model, load_pretrained
+        from cmkd_scale.teacher import build_teacher
+
+        self.cfg = cfg
+        self.env = dist.resolve_dist_env()
+        engine.init_distributed(self.env)
+        self.device = dist.device_for(self.env)
+        self.run_dir = Path(cfg.run.dir)
+        self.is_main = self.env.is_main
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.stop_requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_preempt)
+
+        loader_device = "gpu" if self.device.type == "cuda" else "cpu"
+        ds = cfg.deepspeed
+        self.train_loader = TrainLoader(
+            cfg.data,
+            micro_batch=ds.micro_batch,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            seed=cfg.run.seed,
+            device=loader_device,
+        )
+        self.eval_loader = EvalLoader(
+            cfg.data,
+            micro_batch=ds.eval_batch or ds.micro_batch,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            device=loader_device,
+        )
+        self.num_classes = self.train_loader.num_classes
+        self.class_names = list(self.train_loader.class_names)
+        # Whole optimizer steps per epoch; a tail of < grad_accum micro-batches is dropped.
+        self.steps_per_epoch = self.train_loader.steps_per_epoch // ds.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has {self.train_loader.steps_per_epoch} micro-batches per rank, fewer "
+                f"than deepspeed.grad_accum={ds.grad_accum}; lower grad_accum or micro_batch"
+            )
+        self.total_steps = cfg.run.epochs * self.steps_per_epoch
+        if cfg.run.max_steps:
+            self.total_steps = min(self.total_steps, cfg.run.max_steps)
+
+        # Same seed on every rank: identical initial students (ZeRO partitions each rank's copy).
+        torch.manual_seed(cfg.run.seed)
+        dims = {"input_tdim": cfg.data.target_length, "input_fdim": cfg.data.num_mel_bins}
+        student = build_model(cfg.model, num_classes=self.num_classes, **dims)
+        if cfg.model.checkpoint:
+            load_pretrained(student, cfg.model.checkpoint, strict=True)
+        self.teacher = build_teacher(
+            cfg.teacher, num_classes=self.num_classes, device=self.device, **dims
+        )
+        self.loss_fn = DistillLoss(cfg.distill)
+        self.dtype = engine.compute_dtype(cfg)
+        self.engine, ds_json = engine.build_engine(
+            cfg,
+            student.to(self.device),
+            world_size=self.env.world_size,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+        )
+        torch.manual_seed(cfg.run.seed + 1000 * self.env.rank)  # per-rank dropout streams
+        n_params = sum(p.numel() for p in student.parameters())
+        log.info("student %s: %.2f M params", cfg.model.name, n_params / 1e6)
+
+        self.ckpt = CheckpointManager(
+            self.run_dir,
+            rank=self.env.rank,
+            zero_stage=ds.zero_stage,
+            keep=cfg.run.keep_checkpoints,
+        )
+        self.state = TrainerState(config=cfg.to_dict(), world_size=self.env.world_size)
+        latest = self.ckpt.latest_tag()
+        if latest is not None:
+            self.state = self.ckpt.load(self.engine, latest)
+            self.train_loader.load_state_dict(self.state.loader)
+            self._warn_config_changes(self.state.config)
+            self.state.config = cfg.to_dict()
+        self.resumed_from = latest
+        self._write_run_files(ds_json)
+        self.tracker = self._make_tracker()
+        self.metrics_log = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
+        self.samples_log = (
+            self.run_dir / "samples" / f"rank{self.env.rank}.jsonl"
+            if cfg.run.record_samples
+            else None
+        )
+        self._last_saved_step = self.state.global_step if latest else -1
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _on_preempt(self, signum: int, _frame: object) -> None:
+        """SIGTERM/SIGUSR1: finish the current step, then checkpoint and exit EXIT_REQUEUE."""
+        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    def _write_run_files(self, ds_json: dict[str, Any]) -> None:
+        """Rank 0: the resolved config and the generated DeepSpeed JSON, in the run dir."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=2) + "\n")
+        dist.barrier()
+
+    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
+        now = self.cfg.to_dict()
+        for section, values in now.items():
+            for key, value in values.items():
+                before = saved.get(section, {}).get(key)
+                if before != value and not isinstance(value, tuple):
+                    log.warning(
+                        "config %s.%s changed on resume: %r -> %r", section, key, before, value
+                    )
+
+    def _make_tracker(self) -> Any:
+        """The run's tracker; a resumed run continues its MLflow run."""
+        from cmkd_scale.tracking import make_tracker
+
+        id_file = self.run_dir / "tracker_run_id"
+        run_id = self.state.tracker_run_id
+        if run_id is None and id_file.is_file():
+            run_id = id_file.read_text().strip() or None
+        tracker = make_tracker(
+            self.cfg, rank=self.env.rank, run_dir=self.run_dir, resume_run_id=run_id
+        )
+        if self.is_main:
+            self.state.tracker_run_id = tracker.run_id
+            if tracker.run_id:
+                id_file.write_text(str(tracker.run_id))
+            if run_id is None:
+                tracker.log_params(self.cfg.flat())
+            tracker.log_artifact(self.run_dir / "deepspeed.json")
+        tracker.set_tags(
+            {
+                "world_size": str(self.env.world_size),
+                "launcher": self.env.launcher,
+                "resumed_from": self.resumed_from or "",
+            }
+        )
+        return tracker
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        """Run to the end (0) or to a preemption checkpoint (EXIT_REQUEUE)."""
+        state, cfg = self.state, self.cfg
+        log.info(
+            "training %d epochs x %d steps (total %d) on %d rank(s), %s",
+            cfg.run.epochs,
+            self.steps_per_epoch,
+            self.total_steps,
+            self.env.world_size,
+            f"resumed from {self.resumed_from}" if self.resumed_from else "fresh start",
+        )
+        self._heal_epoch_export()
+        self.t_start, self.step_at_start = time.perf_counter(), state.global_step
+        while state.epoch <= cfg.run.epochs and state.global_step < self.total_steps:
+            outcome = self._train_epoch()
+            if outcome == "stop":
+                self._save(step_tag(state.global_step))
+                return EXIT_REQUEUE
+            if outcome == "epoch_end":
+                self._end_epoch()
+                if self._agree_stop():
+                    return EXIT_REQUEUE
+        self._finish()
+        return 0
+
+    def _train_epoch(self) -> str:
+        """Train until the epoch ends ('epoch_end'), max_steps ('max_steps') or preemption."""
+        state, cfg = self.state, self.cfg
+        limit = self.steps_per_epoch * cfg.deepspeed.grad_accum
+        self.engine.train()
+        batches = self.train_loader.epoch_batches(state.epoch, start_step=state.batch_in_epoch)
+        meter = StepMeter(start=time.perf_counter())
+        stop_agreed = False
+        t_ready = time.perf_counter()
+        for batch in batches:
+            if state.batch_in_epoch >= limit:
+                break
+            data_wait = time.perf_counter() - t_ready
+            if meter.micro == 0:
+                meter.lr = engine.current_lr(self.engine)  # the lr this optimizer step uses
+            losses = self._micro_step(batch)
+            state.batch_in_epoch += 1
+            if losses is not None:
+                stop_agreed |= bool(losses[4] > 0)
+                meter.add(losses[:3] / self.env.world_size, data_wait, self._teacher_ms())
+            if self.engine.global_steps != state.global_step:  # an optimizer step happened
+                state.global_step = self.engine.global_steps
+                self._after_step(meter)
+                meter = StepMeter(start=time.perf_counter())
+                if stop_agreed:
+                    return "stop"
+                if state.batch_in_epoch >= limit:
+                    return "epoch_end"
+                if state.global_step >= self.total_steps:
+                    return "max_steps"
+            t_ready = time.perf_counter()
+        return "epoch_end"
+
+    def _micro_step(self, batch: Any) -> torch.Tensor | None:
+        """Forward (teacher, student), agree across ranks, backward+step; None when skipped."""
+        fbank = batch.fbank.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        teacher_logits = self.teacher(fbank) if self.teacher is not None else None
+        logits = self.engine(fbank.to(self.dtype)).float()
+        parts = self.loss_fn(logits, labels, teacher_logits)
+        kd = parts.kd.detach() if parts.kd is not None else torch.zeros((), device=self.device)
+        finite = torch.isfinite(parts.total.detach())
+        # The one collective per micro-batch (also a CPU-GPU sync point): losses for logging,
+        # the non-finite flag and the preemption flag, so every rank decides the same thing.
+        flags = torch.stack(
+            [
+                parts.total.detach().double(),
+                parts.label.detach().double(),
+                kd.double(),
+                (~finite).double(),
+                torch.tensor(float(self.stop_requested), device=self.device, dtype=torch.float64),
+            ]
+        )
+        dist.all_reduce_sum(flags)
+        flags = flags.cpu()
+        self._record_samples(batch, float(parts.total.detach()))
+        if flags[3] > 0:
+            self._handle_nonfinite(batch, bool(finite))
+            return None
+        self.engine.backward(parts.total)
+        self.engine.step()
+        return flags
+
+    def _teacher_ms(self) -> float:
+        return self.teacher.last_ms if self.teacher is not None else 0.0
+
+    def _handle_nonfinite(self, batch: Any, finite_here: bool) -> None:
+        """Stop with the offending keys (default) or skip the batch on every rank."""
+        state, cfg = self.state, self.cfg
+        reports = dist.all_gather_objects(None if finite_here else list(batch.keys))
+        bad = {rank: keys for rank, keys in enumerate(reports) if keys is not None}
+        where = (
+            f"optimizer step {state.global_step + 1} (epoch {state.epoch}, "
+            f"micro-batch {state.batch_in_epoch})"
+        )
+        if cfg.run.nonfinite_loss == "stop" or state.nonfinite_skips >= cfg.run.max_nonfinite_skips:
+            budget = (
+                f"the skip budget run.max_nonfinite_skips={cfg.run.max_nonfinite_skips} is spent"
+                if cfg.run.nonfinite_loss == "skip"
+                else "set run.nonfinite_loss=skip to skip such batches"
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}; clips by rank: {bad}. Check those clips and "
+                f"optim.lr; {budget}. Resume point: checkpoints/latest in {self.run_dir}"
+            )
+        state.nonfinite_skips += 1
+        log.warning(
+            "skipped non-finite loss at %s (clips %s); %d skipped so far",
+            where,
+            bad,
+            state.nonfinite_skips,
+        )
+        self.tracker.log_metrics({"nonfinite_skips": state.nonfinite_skips}, state.global_step)
+
+    def _record_samples(self, batch: Any, loss: float) -> None:
+        if self.samples_log is None:
+            return
+        self.samples_log.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "epoch": self.state.epoch,
+            "batch": self.state.batch_in_epoch,
+            "keys": list(batch.keys),
+            "loss": loss,
+        }
+        with open(self.samples_log, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _after_step(self, meter: StepMeter) -> None:
+        """Per-step metrics, periodic evaluation and checkpoints."""
+        state, cfg = self.state, self.cfg
+        step = state.global_step
+        if step % cfg.run.log_every_steps == 0 or step == 1 or step == self.total_steps:
+            self._log_step(meter)
+        if cfg.run.eval_every_steps and step % cfg.run.eval_every_steps == 0:
+            name = step_tag(step)
+            if self._evaluate(name):
+                self._save(name)
+                self._export(name, "best.pt")
+        if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
+            self._save(step_tag(step))
+
+    def _log_step(self, meter: StepMeter) -> None:
+        state, cfg = self.state, self.cfg
+        elapsed = time.perf_counter() - meter.start
+        micro = max(meter.micro, 1)
+        clips = meter.micro * cfg.deepspeed.micro_batch * self.env.world_size
+        metrics = {
+            "loss": meter.loss / micro,
+            "label_loss": meter.label_loss / micro,
+            "kd_loss": meter.kd_loss / micro,
+            "lr": meter.lr,
+            "grad_norm": engine.global_grad_norm(self.engine),
+            "clips_per_s": clips / elapsed if elapsed > 0 else 0.0,
+            "data_wait_frac": meter.data_wait / elapsed if elapsed > 0 else 0.0,
+            "teacher_ms": meter.teacher_ms / micro,
+            "epoch": state.epoch,
+        }
+        if self.device.type == "cuda":
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tracker.log_metrics(metrics, state.global_step)
+        self.metrics_log.write({"step": state.global_step, **metrics})
+        done = state.global_step - self.step_at_start
+        per_step = (time.perf_counter() - self.t_start) / max(done, 1)
+        eta = timedelta(seconds=round(per_step * (self.total_steps - state.global_step)))
+        log.info(
+            "epoch %d step %d/%d loss %.4f (label %.4f kd %.4f) lr %.2e %.1f clips/s "
+            "data %.0f%% teacher %.1f ms ETA %s",
+            state.epoch,
+            state.global_step,
+            self.total_steps,
+            metrics["loss"],
+            metrics["label_loss"],
+            metrics["kd_loss"],
+            metrics["lr"],
+            metrics["clips_per_s"],
+            100 * metrics["data_wait_frac"],
+            metrics["teacher_ms"],
+            eta,
+        )
+
+    # ------------------------------------------------------------------ eval / save
+
+    def _evaluate(self, name: str) -> bool:
+        """Evaluate the student on every rank; True when mAP is a new best."""
+        from cmkd_scale.evaluate import evaluate, save_result
+
+        state = self.state
+        self.engine.eval()
+
+        def forward(fbank: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.engine(fbank.to(self.dtype)).float())
+
+        result = evaluate(forward, self.eval_loader, device=self.device)
+        self.engine.train()
+        summary = result.summary
+        if self.is_main:
+            save_result(result, self.run_dir / "eval", name, self.class_names)
+            self.tracker.log_eval(
+                result, step=state.global_step, epoch=state.epoch, class_names=self.class_names
+            )
+        self.metrics_log.write({"step": state.global_step, "eval": name, **summary})
+        log.info(
+            "eval %s: mAP %.4f mAUC %.4f d' %.3f",
+            name,
+            summary["mAP"],
+            summary["mAUC"],
+            summary["dprime"],
+        )
+        improved = summary["mAP"] > state.best_map
+        if improved:
+            state.best_map, state.best_tag = summary["mAP"], name
+        return improved
+
+    def _save(self, tag: str) -> None:
+        """Checkpoint ``tag`` on every rank (skipped when this step is already saved)."""
+        if self._last_saved_step == self.state.global_step and tag.startswith("step-"):
+            return
+        self.state.loader = self.train_loader.state_dict()
+        from cmkd_scale.checkpoint import capture_rng
+
+        self.state.rng = capture_rng()
+        self.ckpt.save(self.engine, tag, self.state)
+        self._last_saved_step = self.state.global_step
+
+    def _export(self, tag: str, filename: str) -> Path:
+        """Rank 0 writes ``models/<filename>`` from checkpoint ``tag``; all ranks wait."""
+        dest = self.ckpt.models_dir / filename
+        if self.is_main:
+            self.ckpt.export(
+                tag, dest, cfg=self.cfg, num_classes=self.num_classes, class_names=self.class_names
+            )
+        dist.barrier()
+        return dest
+
+    def _end_epoch(self) -> None:
+        """Evaluate, checkpoint the epoch, export its student (and best.pt when improved)."""
+        state = self.state
+        tag = epoch_tag(state.epoch)
+        improved = self._evaluate(tag)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        self._save(tag)
+        exported = self._export(tag, f"{tag}.pt")
+        if improved and self.is_main:
+            copy_export(exported, self.ckpt.models_dir / "best.pt")
+        dist.barrier()
+
+    def _heal_epoch_export(self) -> None:
+        """After a crash between an epoch checkpoint and its export, redo the export."""
+        tag = self.resumed_from
+        if tag and tag.startswith("epoch-") and not (self.ckpt.models_dir / f"{tag}.pt").is_file():
+            log.warning("export of %s missing: exporting it now", tag)
+            self._export(tag, f"{tag}.pt")
+
+    def _agree_stop(self) -> bool:
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(dist.all_reduce_sum(flag).item() > 0)
+
+    def _finish(self) -> None:
+        """End of training: evaluate/save a mid-epoch end, export final.pt, log artifacts."""
+        state = self.state
+        if state.batch_in_epoch > 0:  # stopped by max_steps inside an epoch
+            tag = step_tag(state.global_step)
+            improved = self._evaluate(tag)
+            self._save(tag)
+            if improved:
+                self._export(tag, "best.pt")
+        tag = self.ckpt.latest_tag()
+        assert tag is not None
+        final = self._export(tag, "final.pt")
+        best = self.ckpt.models_dir / "best.pt"
+        if self.is_main:
+            self.tracker.log_checkpoint(best if best.is_file() else final)
+        log.info(
+            "training done: step %d, best mAP %.4f (%s)",
+            state.global_step,
+            state.best_map,
+            state.best_tag,
+        )
+
+    def close(self, status: str, note: str = "") -> None:
+        self.tracker.finish(status, note)
+        dist.destroy()
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cmkd_scale.train", description=__doc__)
+    p.add_argument("--config", type=Path, required=True, help="YAML preset (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the config, build the trainer, train, and close with the right status."""
+    args = _parse_args(argv)
+    setup_logging()
+    engine.ds_env_defaults()
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    status, note = "FAILED", "crashed; resume from checkpoints/latest"
+    try:
+        code = trainer.train()
+        if code == EXIT_REQUEUE:
+            status = "KILLED"
+            note = f"preempted at step {trainer.state.global_step}; requeue resumes it"
+        else:
+            status, note = "FINISHED", f"best mAP {trainer.state.best_map:.4f}"
+        return code
+    finally:
+        trainer.close(status, note)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
