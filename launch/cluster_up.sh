@@ -117,6 +117,7 @@ start_slurm() {
     /usr/sbin/slurmctld -c -f "$dir/etc/slurm.conf" \
         || die "slurmctld did not start; see $dir/log/slurmctld.log"
     for ((k = 1; k <= nodes; k++)); do
+        mkdir -p "$dir/spool/node$k"
         /usr/sbin/slurmd -f "$dir/etc/slurm.conf" -N "node$k" \
             || die "slurmd node$k did not start; see $dir/log/slurmd-node$k.log"
     done
