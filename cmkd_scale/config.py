@@ -94,9 +94,15 @@ class ModelConfig:
     embed_dim: int = 0
     depth: int = 0
     num_heads: int = 0
+    # CNN attention pooling (PSLA EffNetAttention): number of heads (PSLA default 4; 1 = single
+    # head) and the per-frame class activation: linear = logits (CMKD), sigmoid = PSLA's
+    # released models, whose probabilities the model turns back into logits.
+    attention_heads: int = 4
+    cla_activation: Literal["linear", "sigmoid"] = "linear"
 
     def __post_init__(self) -> None:
         _check(self.fstride > 0 and self.tstride > 0, "model.fstride/tstride", "must be > 0")
+        _check(self.attention_heads >= 1, "model.attention_heads", "must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -176,6 +182,9 @@ class TrackingConfig:
     request_timeout_s: float = 5.0
     max_retries: int = 1
     system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0  # CPU/memory/GPU sampling period
+    flush_every_s: float = 5.0  # metrics are sent in one log_batch per this interval
+    finish_timeout_s: float = 300.0  # longest wait at finish() for the last records to upload
 
 
 @dataclass(kw_only=True)

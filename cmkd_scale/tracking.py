@@ -1,31 +1,639 @@
-"""Experiment tracking (MLflow). The only module that imports ``mlflow``.
+"""Experiment tracking with MLflow: the only module that imports ``mlflow``.
 
-INTERFACE SKELETON: the tracking work (issue 5) replaces the body; the trainer codes against
-these method names only.
+Tracking is never a reason for training to stop. Rank 0 gets an ``MlflowTracker``, every other
+rank a no-op ``Tracker`` (decided once in ``make_tracker``). Every call is first appended to the
+run directory's journal (``RUN_DIR/tracking/journal.jsonl``, see ``tracking_journal``) and then
+handed to a background thread (``tracking_sender``) that batches metrics into ``log_batch``
+calls; the training thread never waits for HTTP. A dead or absent server costs one warning;
+what it missed is sent when it returns, or later by::
+
+    python -m cmkd_scale.tracking upload --run-dir RUN_DIR [--uri URI]   # idempotent
+
+Where runs go: ``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store
+``sqlite:///RUN_DIR/mlflow.db`` with artifacts in ``RUN_DIR/mlartifacts``, opened with::
+
+    mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db --port 5000
+
+Trainer usage (rank 0 logs; the same calls on every rank are harmless)::
+
+    tracker = make_tracker(cfg, rank=rank, run_dir=run_dir, resume_run_id=ckpt.get("run_id"))
+    with tracker:                          # FINISHED / FAILED (exception) / KILLED (signal)
+        tracker.log_params(cfg.flat())
+        tracker.set_tags({...})            # optional: tags of your own
+        tracker.log_dict(ds_config, "deepspeed.json")
+        ... per optimizer step (or every run.log_every_steps):
+        tracker.log_metrics({"loss": .., "loss_label": .., "loss_kd": .., "lr": ..,
+                             "grad_norm": .., "clips_per_s": .., "data_wait_frac": ..,
+                             "teacher_ms": .., "gpu_peak_mem_gb": ..}, step)
+        ... per evaluation (stats: dict with mAP, mAUC, dprime, AP, AUC; or an EvalResult):
+        tracker.log_eval(stats, step, epoch, class_names)             # student
+        tracker.log_eval(teacher_stats, step, epoch, class_names, prefix="teacher")
+        ... checkpoint: save tracker.run_id with it (pass it back as resume_run_id)
+        tracker.log_checkpoint(export_path)  # uploads it (cfg.tracking.log_checkpoint) or tags
+    # on SIGTERM/preemption, after saving the resume checkpoint:
+    tracker.finish("KILLED", note=f"resume from {ckpt_path} at step {step}")
+
+``finish`` is idempotent; ``with tracker:`` calls it from the exception it sees (KeyboardInterrupt
+and SystemExit count as KILLED) and an exit without it marks the run FAILED.
 """
 
 from __future__ import annotations
 
+import atexit
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from cmkd_scale import plots, sysinfo
+from cmkd_scale.tracking_journal import Journal, RunState, now_ms
+from cmkd_scale.tracking_sender import Op, Point, Sender
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+_MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+_BATCH_PARAMS = 100  # MLflow's per-log_batch limits
+_BATCH_TAGS = 100
+_BATCH_POINTS = 1000
+
+
+# ---------------------------------------------------------------- where runs go
+
+
+def resolve_uri(configured: str, run_dir: Path) -> str:
+    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite under the run directory."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+
+
+def bound_http(timeout_s: float, max_retries: int) -> None:
+    """Bound every MLflow HTTP call (the defaults block ~4 min per call on a dead server)."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max(0, max_retries))
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+
+
+class RemoteRun:
+    """One MLflow run on one tracking server, driven by MlflowClient with an explicit run id."""
+
+    def __init__(self, uri: str, *, health_timeout_s: float = 5.0) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._health_timeout_s = health_timeout_s
+
+    def reachable(self) -> bool:
+        """An HTTP server answers /health in time; a database URI is always 'reachable'."""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            with urllib.request.urlopen(
+                f"{self.uri.rstrip('/')}/health", timeout=self._health_timeout_s
+            ) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def is_rejection(self, exc: Exception) -> bool:
+        """The server answered and refused the record (4xx): retrying cannot help."""
+        return isinstance(exc, MlflowException) and exc.get_http_status_code() < 500
+
+    def open(
+        self,
+        *,
+        experiment: str,
+        name: str,
+        resume_id: str | None,
+        artifact_location: str | None,
+        reopen: bool = True,
+    ) -> str:
+        """Continue ``resume_id`` if the server has it (RUNNING again when ``reopen``), else
+        create a run; return its id."""
+        if resume_id and not resume_id.startswith("local-"):
+            try:
+                run = self.client.get_run(resume_id)
+            except MlflowException as exc:
+                if exc.get_http_status_code() >= 500:
+                    raise
+                log.warning("run %s not found at %s; starting a new run", resume_id, self.uri)
+            else:
+                if reopen and run.info.status != "RUNNING":
+                    self.client.update_run(resume_id, status="RUNNING")
+                self.run_id, self.experiment_id = resume_id, run.info.experiment_id
+                return resume_id
+        self.experiment_id = self._experiment_id(experiment, artifact_location)
+        run = self.client.create_run(self.experiment_id, run_name=name or None)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # another run created it meanwhile
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def ui_url(self) -> str:
+        base = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    # -- sending (called from the sender thread and the upload command)
+
+    def send(self, op: Op) -> None:
+        kind, payload = op
+        if kind == "metrics":
+            self.send_metrics(payload)
+        elif kind == "params":
+            self.send_params(payload)
+        elif kind == "tags":
+            self.send_tags(payload)
+        elif kind == "artifact":
+            self.send_artifact(*payload)
+        elif kind == "status":
+            self.client.set_terminated(self.run_id, status=payload[0], end_time=payload[1])
+        else:
+            raise ValueError(f"unknown tracking record kind {kind!r}")
+
+    def send_metrics(self, points: Sequence[Point]) -> None:
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in points]
+        for i in range(0, len(metrics), _BATCH_POINTS):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + _BATCH_POINTS])
+
+    def send_params(self, params: dict[str, str]) -> int:
+        """Log the params the run lacks; a changed value (resume) becomes a ``resumed.*`` tag."""
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        changed = {
+            f"resumed.{k}": v for k, v in params.items() if k in existing and existing[k] != v
+        }
+        for i in range(0, len(new), _BATCH_PARAMS):
+            self.client.log_batch(self.run_id, params=new[i : i + _BATCH_PARAMS])
+        if changed:
+            log.warning("params changed since the run began (logged as tags): %s", changed)
+            self.send_tags(changed)
+        return len(new)
+
+    def send_tags(self, tags: dict[str, str]) -> None:
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), _BATCH_TAGS):
+            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH_TAGS])
+
+    def send_artifact(self, path: str, artifact_path: str | None) -> None:
+        """A file, or a directory under its own name (``artifact_path/dirname/...``)."""
+        if Path(path).is_dir():
+            name = Path(path).name
+            target = f"{artifact_path}/{name}" if artifact_path else name
+            self.client.log_artifacts(self.run_id, path, target)
+        else:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+    # -- what the server already has (upload command)
+
+    def metric_points(self, key: str) -> set[tuple[int, int, str]]:
+        return {
+            (m.step, m.timestamp, repr(m.value))
+            for m in self.client.get_metric_history(self.run_id, key)
+        }
+
+    def artifact_sizes(self, artifact_dir: str | None) -> dict[str, int | None]:
+        try:
+            return {
+                f.path: f.file_size for f in self.client.list_artifacts(self.run_id, artifact_dir)
+            }
+        except (MlflowException, OSError):
+            return {}
+
+
+# ---------------------------------------------------------------- trackers
+
 
 class Tracker:
-    """Rank-0 tracker. Every method is safe to call on every rank (others hold a no-op)."""
+    """The no-op tracker other ranks hold (and rank 0 when tracking is disabled)."""
 
     run_id: str | None = None
 
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flattened resolved config (``cfg.flat()``)."""
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Run tags (strings)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Per-step scalars; buffered and sent in batches."""
+
     def log_eval(
-        self, stats: dict[str, Any], step: int, epoch: int, class_names: list[str]
-    ) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_text(self, text: str, artifact_file: str) -> None: ...
-    def finish(self, status: str = "FINISHED", note: str = "") -> None: ...
+        self,
+        stats: Any,
+        step: int,
+        epoch: int,
+        class_names: Sequence[str],
+        prefix: str = "eval",
+    ) -> None:
+        """mAP/mAUC/d'/best mAP, a per-class AP CSV and the eval plots."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or directory from the run, uploaded as is."""
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact (kept under RUN_DIR/tracking/artifacts as well)."""
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """A JSON (``.json``) or YAML artifact."""
+
+    def log_checkpoint(self, path: str | Path) -> None:
+        """The exported student: uploaded when cfg.tracking.log_checkpoint, its path as a tag."""
+
+    def finish(self, status: str = "FINISHED", note: str = "") -> None:
+        """End the run: FINISHED, FAILED or KILLED (``note`` says why / where to resume)."""
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.finish("FINISHED")
+        elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            self.finish("KILLED", note=f"{type(exc).__name__}: {exc}")
+        else:
+            self.finish("FAILED", note=f"{type(exc).__name__}: {exc}")
 
 
-def make_tracker(cfg: Any, *, rank: int, run_dir: Path) -> Tracker:
+class _Curves:
+    """Metric history for plots, thinned by half whenever a series reaches ``cap`` points."""
+
+    def __init__(self, cap: int = 4000) -> None:
+        self.cap = cap
+        self.series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._every: dict[str, int] = defaultdict(lambda: 1)
+        self._seen: dict[str, int] = defaultdict(int)
+
+    def add(self, key: str, step: int, value: float) -> None:
+        self._seen[key] += 1
+        if (self._seen[key] - 1) % self._every[key]:
+            return
+        series = self.series[key]
+        series.append((step, value))
+        if len(series) >= self.cap:
+            self.series[key] = series[::2]
+            self._every[key] *= 2
+
+
+class MlflowTracker(Tracker):
+    """Rank 0's tracker: journal first, then MLflow through a background sender."""
+
+    def __init__(self, cfg: Any, *, run_dir: Path, resume_run_id: str | None = None) -> None:
+        self.cfg = cfg
+        tcfg = cfg.tracking
+        self.run_dir = Path(run_dir).resolve()
+        self.uri = resolve_uri(tcfg.uri, self.run_dir)
+        bound_http(tcfg.request_timeout_s, tcfg.max_retries)
+        self.journal = Journal(self.run_dir)
+        self.state = RunState(self.run_dir)
+        resuming = bool(resume_run_id) and self.state.knows(resume_run_id or "")
+        name = cfg.run.name or self.run_dir.name
+        if not resuming:
+            moved = self.journal.rotate()
+            if moved:
+                log.info("a new run in %s: the previous journal is now %s", self.run_dir, moved)
+            self.state.reset(experiment=tcfg.experiment, name=name, uri=self.uri)
+        self.journal.write("start", uri=self.uri, resume_run_id=resume_run_id, name=name)
+        self._finished = False
+        self._lock = threading.Lock()
+        self._curves = _Curves()
+        self._maps: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._best: dict[str, float] = {}
+        self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
+        self.max_enqueue_s = 0.0  # longest time a logging call spent (tests, diagnostics)
+
+        self.remote = RemoteRun(self.uri, health_timeout_s=tcfg.request_timeout_s)
+        self._resume_id = resume_run_id if resume_run_id and not resuming else None
+        self._resume_id = self._resume_id or self.state.remote_id(self.uri)
+        self.sender = Sender(
+            self.remote,
+            self._open_remote,
+            journal_hint=str(self.journal.path),
+            flush_every_s=tcfg.flush_every_s,
+        )
+        try:  # connect now (bounded by the HTTP limits) so run_id is MLflow's when possible
+            if not self.remote.reachable():
+                raise ConnectionError(f"no answer from {self.uri}/health")
+            self._open_remote()
+        except Exception as exc:
+            log.warning(
+                "MLflow at %s is unreachable (%s). Training goes on; everything is kept in %s, "
+                "sent when the server answers, or by `python -m cmkd_scale.tracking upload "
+                "--run-dir %s`.",
+                self.uri,
+                str(exc).splitlines()[0][:300],
+                self.journal.path,
+                self.run_dir,
+            )
+            self.sender.mark_offline()
+        self.sender.start()
+        atexit.register(self._at_exit)
+        self._record_run_context()
+        self._monitor_stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        if tcfg.system_metrics:
+            self._monitor = threading.Thread(
+                target=self._sample_system,
+                args=(tcfg.system_metrics_interval_s,),
+                name="system-metrics",
+                daemon=True,
+            )
+            self._monitor.start()
+
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        """MLflow's run id once the run exists on the server, else the local id (both resume)."""
+        return self.state.remote_id(self.uri) or self.state.local_id
+
+    # -- setup
+
+    def _open_remote(self) -> None:
+        artifact_location = None
+        if self.uri.startswith("sqlite:"):
+            artifact_location = (self.run_dir / "mlartifacts").as_uri()
+        run_id = self.remote.open(
+            experiment=self.cfg.tracking.experiment,
+            name=self.cfg.run.name or self.run_dir.name,
+            resume_id=self._resume_id,
+            artifact_location=artifact_location,
+        )
+        self.state.set_remote(self.uri, run_id)
+        log.info("MLflow run %s at %s", run_id, self.remote.ui_url())
+
+    def _record_run_context(self) -> None:
+        """Tags, resolved config and data manifest summaries every run carries."""
+        tags = sysinfo.run_tags(self.cfg)
+        tags.update({"cmkd.local_id": self.state.local_id or "", "cmkd.run_dir": str(self.run_dir)})
+        self.set_tags(tags)
+        self.log_text(self.cfg.to_yaml(), "config.yaml")
+        for split in ("train", "eval"):
+            location = getattr(self.cfg.data, split)
+            summary = (
+                sysinfo.manifest_summary(sysinfo.manifest_path(location)) if location else None
+            )
+            if summary is not None:
+                self.log_dict(summary, f"data/{split}_manifest_summary.json")
+
+    # -- the Tracker interface
+
+    def _submit(self, op: Op) -> None:
+        if not self.sender.submit(op) and self.sender.dropped == 1:
+            log.warning("MLflow queue full: records are kept in %s only", self.journal.path)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        values = {}
+        for key, value in params.items():
+            text = str(value)
+            if len(text) > _MAX_PARAM_CHARS:
+                log.warning(
+                    "param %s is %d chars; MLflow keeps %d", key, len(text), _MAX_PARAM_CHARS
+                )
+                text = text[:_MAX_PARAM_CHARS]
+            values[key] = text
+        self.journal.write("params", params=values)
+        self._submit(("params", values))
+        self._timed(start)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        values = {k: str(v) for k, v in tags.items()}
+        self.journal.write("tags", tags=values)
+        self._submit(("tags", values))
+        self._timed(start)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        start = time.perf_counter()
+        ts = now_ms()
+        values = {k: float(v) for k, v in metrics.items()}
+        self.journal.write("metrics", ts=ts, step=int(step), values=values)
+        for key, value in values.items():
+            group = key.split("/", 1)[0] if "/" in key else ""
+            if group != "system" and group not in self._best:  # evals have their own plots
+                self._curves.add(key, step, value)
+        self._submit(("metrics", [(k, v, ts, int(step)) for k, v in values.items()]))
+        self._timed(start)
+
+    def log_eval(
+        self,
+        stats: Any,
+        step: int,
+        epoch: int,
+        class_names: Sequence[str],
+        prefix: str = "eval",
+    ) -> None:
+        summary, ap, auc = _eval_parts(stats)
+        best = max(self._best.get(prefix, -math.inf), summary["mAP"])
+        self._best[prefix] = best
+        self._maps[prefix].append((epoch, summary["mAP"]))
+        metrics = {f"{prefix}/{k}": v for k, v in summary.items()}
+        self.log_metrics({**metrics, f"{prefix}/best_mAP": best, f"{prefix}/epoch": epoch}, step)
+        if ap is None:
+            return
+        if len(ap) != len(class_names):
+            raise ValueError(
+                f"log_eval: {len(ap)} per-class APs but {len(class_names)} class names; pass the "
+                "class names of the eval manifest"
+            )
+        table = (
+            self.journal.artifacts / "eval" / f"{prefix}_class_ap_epoch{epoch:03d}_step{step}.csv"
+        )
+        _write_class_table(table, class_names, ap, auc)
+        self.log_artifact(table, "eval")
+        self._plot_later(
+            plots.class_ap_extremes,
+            ap,
+            class_names,
+            self.journal.artifacts / "plots" / f"{prefix}_class_ap_epoch{epoch:03d}.png",
+            title=f"{prefix} epoch {epoch}",
+        )
+        self._plot_run()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path).resolve()
+        if not path.exists():
+            log.warning("artifact %s does not exist; not logged", path)
+            return
+        self.journal.write("artifact", path=str(path), artifact_path=artifact_path)
+        self._submit(("artifact", (str(path), artifact_path)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        local = self.journal.artifacts / artifact_file
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text, encoding="utf-8")
+        self.log_artifact(local, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        if artifact_file.endswith(".json"):
+            text = json.dumps(obj, indent=2, default=str) + "\n"
+        else:
+            text = yaml.safe_dump(obj, sort_keys=False)
+        self.log_text(text, artifact_file)
+
+    def log_checkpoint(self, path: str | Path) -> None:
+        path = Path(path).resolve()
+        self.set_tags({"checkpoint_path": str(path)})
+        if self.cfg.tracking.log_checkpoint:
+            self.log_artifact(path, "checkpoint")
+
+    def finish(self, status: str = "FINISHED", note: str = "") -> None:
+        if status not in STATUSES:
+            raise ValueError(f"finish(status={status!r}): use one of {STATUSES}")
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self._monitor_stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+        if note:
+            tag = {"KILLED": "resume_point", "FAILED": "failure"}.get(status, "end_note")
+            self.set_tags({tag: note})
+        self._plot_run()
+        self._plotter.shutdown(wait=True)
+        end = now_ms()
+        self.journal.write("status", status=status, note=note, end_ms=end)
+        self._submit(("status", (status, end)))
+        complete = self.sender.stop(self.cfg.tracking.finish_timeout_s)
+        self.journal.close()
+        if complete:
+            log.info("MLflow run %s %s: %s", self.run_id, status, self.remote.ui_url())
+        else:
+            log.warning(
+                "MLflow run %s ended %s but the server did not get everything; the run directory "
+                "has it all: send it with `python -m cmkd_scale.tracking upload --run-dir %s`",
+                self.run_id,
+                status,
+                self.run_dir,
+            )
+
+    # -- helpers
+
+    def _timed(self, start: float) -> None:
+        self.max_enqueue_s = max(self.max_enqueue_s, time.perf_counter() - start)
+
+    def _plot_later(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Render on the plot thread (a PNG takes ~0.5 s: not the training thread's time)."""
+        self._plotter.submit(self._plot, fn, *args, **kwargs)
+
+    def _plot(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Render one PNG and log it; a plotting error is logged, never raised."""
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as exc:
+            log.warning("plot %s failed: %s", getattr(fn, "__name__", fn), exc)
+            return
+        self.log_artifact(out, "plots")
+
+    def _plot_run(self) -> None:
+        out = self.journal.artifacts / "plots"
+        curves = {k: list(v) for k, v in self._curves.series.items()}  # snapshots
+        maps = {k: list(v) for k, v in self._maps.items()}
+        if curves:
+            self._plot_later(plots.training_curves, curves, out / "training_curves.png")
+        if maps:
+            self._plot_later(plots.map_per_epoch, maps, out / "map_per_epoch.png")
+
+    def _sample_system(self, interval_s: float) -> None:
+        sampler = sysinfo.SystemSampler()
+        step = 0
+        try:
+            while not self._monitor_stop.wait(interval_s):
+                self.log_metrics(sampler.sample(), step)
+                step += 1
+        except Exception as exc:  # the monitor must never take training down
+            log.warning("system metrics stopped: %s", exc)
+        finally:
+            sampler.close()
+
+    def _at_exit(self) -> None:
+        if not self._finished:
+            self.finish("FAILED", note="process exited without calling Tracker.finish()")
+
+
+def _eval_parts(stats: Any) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None]:
+    """(summary with mAP/mAUC/dprime, per-class AP, per-class AUC) from a dict or EvalResult."""
+    if hasattr(stats, "summary"):  # cmkd_scale.evaluate.EvalResult
+        summary, ap, auc = dict(stats.summary), stats.class_ap, stats.class_auc
+    elif isinstance(stats, dict):
+        summary = {k: stats[k] for k in ("mAP", "mAUC", "dprime") if k in stats}
+        ap, auc = stats.get("AP"), stats.get("AUC")
+    else:
+        raise TypeError(f"log_eval: stats must be a dict or EvalResult, got {type(stats).__name__}")
+    if "mAP" not in summary:
+        raise ValueError(f"log_eval: stats lack 'mAP' (have {sorted(summary)})")
+    summary = {k: float(v) for k, v in summary.items()}
+    ap = None if ap is None else np.asarray(ap, dtype=float)
+    auc = None if auc is None else np.asarray(auc, dtype=float)
+    return summary, ap, auc
+
+
+def _write_class_table(
+    path: Path, class_names: Sequence[str], ap: np.ndarray, auc: np.ndarray | None
+) -> None:
+    """Per-class AP (and AUC) with class names, ranked best first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    order = np.argsort(-np.nan_to_num(ap, nan=-1.0), kind="stable")
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["rank", "index", "display_name", "AP", "AUC"])
+        for rank, i in enumerate(order, start=1):
+            writer.writerow(
+                [
+                    rank,
+                    int(i),
+                    class_names[i],
+                    f"{ap[i]:.6f}",
+                    "" if auc is None else f"{auc[i]:.6f}",
+                ]
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cmkd_scale.tracking upload --run-dir DIR [--uri URI]``."""
+    from cmkd_scale.tracking_upload import main as upload_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "upload":
+        print("usage: python -m cmkd_scale.tracking upload --run-dir DIR [--uri URI]")
+        return 2
+    return upload_main(argv[1:])
+
+
+def make_tracker(
+    cfg: Any, *, rank: int, run_dir: Path, resume_run_id: str | None = None
+) -> Tracker:
     """Decide once: rank 0 gets a real tracker, every other rank a no-op."""
-    return Tracker()
+    if rank != 0 or not cfg.tracking.enabled:
+        return Tracker()
+    return MlflowTracker(cfg, run_dir=Path(run_dir), resume_run_id=resume_run_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Facts about the process and machine a run executes on: run tags and system-metric samples.
+
+No MLflow here: ``tracking`` turns these into tags and ``system/*`` metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+_SLURM_TAGS = {
+    "SLURM_JOB_ID": "slurm.job_id",
+    "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+    "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
+    "SLURM_JOB_NUM_NODES": "slurm.num_nodes",
+    "SLURM_NTASKS": "slurm.ntasks",
+    "SLURM_JOB_PARTITION": "slurm.partition",
+    "SLURM_JOB_NODELIST": "slurm.nodelist",
+}
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """HEAD commit of the source checkout (with ``-dirty`` when modified), or ``unknown``."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+def gpu_name() -> str:
+    """Name of the first visible NVIDIA GPU via NVML, or ``none``."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            if count == 0:
+                return "none"
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+            name = name.decode() if isinstance(name, bytes) else name
+            return f"{count}x {name}"
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library, no device: all mean "no GPU"
+        return "none"
+
+
+def sha256_of(path: str) -> str:
+    """SHA-256 of a local file or fsspec URL, or ``unavailable`` when it cannot be read."""
+    try:
+        import fsspec
+
+        digest = hashlib.sha256()
+        with fsspec.open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except Exception as exc:  # a missing manifest must not stop training
+        log.warning("cannot hash %s for the run tags: %s", path, exc)
+        return "unavailable"
+
+
+def manifest_path(data_location: str) -> str:
+    """The manifest.json behind a shard dir, manifest path or URL (as cmkd_scale.data reads)."""
+    if not data_location or data_location.endswith(".json"):
+        return data_location
+    return data_location.rstrip("/") + "/manifest.json"
+
+
+def manifest_summary(path: str) -> dict[str, Any] | None:
+    """The prep manifest without its per-class and per-shard lists (for an artifact)."""
+    try:
+        import fsspec
+
+        with fsspec.open(path, "rt") as fh:
+            manifest = json.load(fh)
+    except Exception as exc:
+        log.warning("cannot read data manifest %s for the run record: %s", path, exc)
+        return None
+    shards = manifest.get("shards", [])
+    return {
+        "manifest": path,
+        "format": manifest.get("format"),
+        "num_samples": manifest.get("num_samples"),
+        "num_classes": manifest.get("num_classes"),
+        "num_shards": len(shards),
+        "bytes": sum(int(s.get("bytes", 0)) for s in shards),
+        "num_missing": manifest.get("num_missing"),
+        "num_failed": manifest.get("num_failed"),
+        "sources": manifest.get("sources"),
+        "settings": manifest.get("settings"),
+        "classes_present": sum(1 for c in manifest.get("class_counts", []) if c > 0),
+    }
+
+
+def run_tags(cfg: Any) -> dict[str, str]:
+    """Tags every run carries: code version, command, cluster placement, models, data."""
+    tags = {
+        "git_commit": git_commit(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "host": socket.gethostname(),
+        "gpu": gpu_name(),
+        "world_size": os.environ.get("WORLD_SIZE", "1"),
+        "student": f"{cfg.model.arch}:{cfg.model.name}",
+        "teacher": "none"
+        if cfg.teacher.arch == "none"
+        else f"{cfg.teacher.arch}:{cfg.teacher.name}",
+    }
+    tags.update({tag: os.environ[var] for var, tag in _SLURM_TAGS.items() if var in os.environ})
+    for split in ("train", "eval"):
+        location = getattr(cfg.data, split)
+        if location:
+            path = manifest_path(location)
+            tags[f"data.{split}.manifest"] = path
+            tags[f"data.{split}.sha256"] = sha256_of(path)
+    return tags
+
+
+class SystemSampler:
+    """CPU, memory and (where NVML works) GPU readings named as MLflow's system metrics."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        psutil.cpu_percent(None)  # first call primes the counter
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._gpus = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+        except Exception:
+            self._gpus = []
+
+    def sample(self) -> dict[str, float]:
+        """One reading; keys follow MLflow's ``system/...`` names so the UI tab shows them."""
+        mem = psutil.virtual_memory()
+        out = {
+            "system/cpu_utilization_percentage": psutil.cpu_percent(None),
+            "system/system_memory_usage_megabytes": (mem.total - mem.available) / 2**20,
+            "system/system_memory_usage_percentage": mem.percent,
+            "system/process_rss_megabytes": self._process.memory_info().rss / 2**20,
+        }
+        for i, handle in enumerate(self._gpus):
+            nvml = self._nvml
+            util = nvml.nvmlDeviceGetUtilizationRates(handle)
+            info = nvml.nvmlDeviceGetMemoryInfo(handle)
+            out[f"system/gpu_{i}_utilization_percentage"] = float(util.gpu)
+            out[f"system/gpu_{i}_memory_usage_megabytes"] = info.used / 2**20
+            out[f"system/gpu_{i}_memory_usage_percentage"] = 100.0 * info.used / info.total
+        return out
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+            self._nvml = None
