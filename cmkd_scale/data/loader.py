@@ -395,8 +395,10 @@ class EvalLoader:
                 prefetch=self.cfg.prefetch,
                 tar_paths=[self.shards.path(s) for s in self.shards.shards],
                 index_paths=[self.shards.index_path(s) for s in self.shards.shards],
-                shard_id=self.rank,
-                num_shards=self.world_size,
+                # DALI refuses more shards than samples; then each rank has 0 or 1 clip,
+                # and clip i alone is DALI's shard i of N.
+                shard_id=self.rank if self.world_size <= self.num_samples else self.first,
+                num_shards=min(self.world_size, self.num_samples),
             )
         progress = _Progress(f"eval rank {self.rank}", count)
         try:
