@@ -29,7 +29,8 @@ from tests.fixtures_prep import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 3
-NUM_CLIPS = 48
+NUM_CLIPS = 36
+NUM_SHARDS = NUM_CLIPS // SHARD_SIZE
 
 
 @dataclass
@@ -58,14 +59,8 @@ class Inputs:
         ]
 
     def run(self, out: Path, **kwargs) -> dict:
-        return run_prep(
-            [self.csv],
-            bundled_class_labels(),
-            self.audio,
-            str(out),
-            shard_size=SHARD_SIZE,
-            **kwargs,
-        )
+        kwargs.setdefault("shard_size", SHARD_SIZE)
+        return run_prep([self.csv], bundled_class_labels(), self.audio, str(out), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +73,8 @@ def inputs(tmp_path_factory) -> Inputs:
         ytid = f"clip{i:07d}"
         fmt = formats[i % len(formats)]
         if i not in (7, 20):  # two segments have no audio
-            write_audio(audio / f"{ytid}.{fmt}", tone(300 + 20 * i, 2.0, 44100, channels=2), 44100)
-        rows.append((ytid, 0.0, 2.0, [[SPEECH], [MUSIC, DOG], [DOG]][i % 3]))
+            write_audio(audio / f"{ytid}.{fmt}", tone(300 + 20 * i, 1.0, 44100, channels=2), 44100)
+        rows.append((ytid, 0.0, 1.0, [[SPEECH], [MUSIC, DOG], [DOG]][i % 3]))
     (audio / "clip0000011.wav").write_bytes(b"RIFF....WAVEfmt broken")  # one undecodable file
     csv_path = write_segments_csv(root / "segments.csv", rows)
     reference = root / "reference"
@@ -92,7 +87,7 @@ def inputs(tmp_path_factory) -> Inputs:
 def test_reference_run_is_what_we_expect(inputs: Inputs) -> None:
     names = set(inputs.digest)
     assert {"manifest.json", "weights.npy", "missing.csv", "failed.csv", "plan.json"} <= names
-    assert len([n for n in names if n.endswith(".meta.json")]) == NUM_CLIPS // SHARD_SIZE
+    assert len([n for n in names if n.endswith(".meta.json")]) == NUM_SHARDS
     assert "clip0000011" in (inputs.reference / "failed.csv").read_text()
 
 
@@ -118,76 +113,68 @@ def test_other_inputs_into_the_same_out_are_refused(inputs: Inputs, tmp_path: Pa
         run_prep([inputs.csv], bundled_class_labels(), inputs.audio, str(out), shard_size=5)
 
 
-def _visible_tars_are_complete(out: Path, reference: Path) -> int:
-    """Every visible .tar equals the finished one; returns how many there were."""
-    tars = sorted(out.glob("shard-*.tar"))
-    for tar in tars:
-        assert tar.read_bytes() == (reference / tar.name).read_bytes(), f"partial {tar.name}"
-    return len(tars)
-
-
 @pytest.mark.slow
-def test_kill_9_mid_run_then_rerun_gives_the_same_result(inputs: Inputs, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        inputs.cli(out, "--workers", "2"),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def test_kill_9_mid_run_then_rerun_gives_the_same_result(
+    inputs: Inputs, tmp_path: Path, caplog
+) -> None:
+    # one clip per shard, so the kill lands with many shards done and many to go
+    reference = tmp_path / "reference"
+    inputs.run(reference, shard_size=1)
+    out, log = tmp_path / "out", tmp_path / "prep.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            inputs.cli(out, "--shard-size", "1"),
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob("shard-*.meta.json")):
-            assert proc.poll() is None, proc.stderr.read().decode()
+        while len(list(out.glob("shard-*.meta.json"))) < 2:
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "prep never completed a shard"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # the main process and its workers, like an OOM kill
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, like an OOM kill
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        proc.stderr.close()
     done = len(list(out.glob("shard-*.meta.json")))
-    assert 0 < done < NUM_CLIPS // SHARD_SIZE, "the kill did not land mid-run"
+    assert 2 <= done < NUM_CLIPS, "the kill did not land mid-run"
     assert not (out / "manifest.json").exists()
-    _visible_tars_are_complete(out, inputs.reference)
-    rerun = subprocess.run(
-        inputs.cli(out, "--workers", "2"), cwd=ROOT, capture_output=True, text=True
-    )
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"{done} already complete" in rerun.stderr
-    assert tree_digest(out) == inputs.digest
+    for tar in out.glob("shard-*.tar"):  # a visible tar is always a finished one
+        assert tar.read_bytes() == (reference / tar.name).read_bytes(), f"partial {tar.name}"
+    with caplog.at_level(logging.INFO, logger="cmkd_scale.prep"):
+        inputs.run(out, shard_size=1)
+    assert f"{done} already complete" in caplog.text
+    assert tree_digest(out) == tree_digest(reference)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
 @pytest.mark.slow
-def test_slurm_array_split_then_finalize_equals_one_process(inputs: Inputs, tmp_path: Path) -> None:
+def test_slurm_array_tasks_at_once_then_finalize_equal_one_process(
+    inputs: Inputs, tmp_path: Path
+) -> None:
+    """Two array tasks started together (both write plan.json), then the finalize command."""
     out = tmp_path / "out"
     env = {**os.environ, "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "4"}
-    first = subprocess.run(
-        inputs.cli(out),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**env, "SLURM_ARRAY_TASK_ID": "4"},
-    )
-    assert first.returncode == 0, first.stderr
-    assert "task 0/2 owns 8 shards" in first.stderr and "prep finalize" in first.stderr
+    procs = [
+        subprocess.Popen(
+            inputs.cli(out),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
+        )
+        for task in (4, 5)
+    ]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    for i, log in enumerate(logs):
+        assert f"task {i}/2 owns {NUM_SHARDS // 2} shards" in log and "prep finalize" in log
     assert not (out / "manifest.json").exists()
-    with pytest.raises(
-        FinalizeError, match=r"8 of 16 shards not complete: shard-000001, shard-0000"
-    ):
-        finalize(str(out))
-    second = subprocess.run(
-        inputs.cli(out),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**env, "SLURM_ARRAY_TASK_ID": "5"},
-    )
-    assert second.returncode == 0, second.stderr
-    assert "task 1/2 owns 8 shards" in second.stderr
     fin = subprocess.run(
         [sys.executable, "-m", "cmkd_scale.prep", "finalize", "--out", str(out)],
         cwd=ROOT,
@@ -196,13 +183,19 @@ def test_slurm_array_split_then_finalize_equals_one_process(inputs: Inputs, tmp_
     )
     assert fin.returncode == 0, fin.stderr
     assert tree_digest(out) == inputs.digest
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_in_process_split_with_explicit_task_ids(inputs: Inputs, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    for task in (2, 0, 1):
+    for task in (2, 0):
         summary = inputs.run(out, num_tasks=3, task_id=task)
-        assert summary["shards_built"] == list(range(task, 16, 3))
+        assert summary["shards_built"] == list(range(task, NUM_SHARDS, 3))
+    with pytest.raises(
+        FinalizeError, match=r"4 of 12 shards not complete: shard-000001, shard-0000"
+    ):
+        finalize(str(out))
+    inputs.run(out, num_tasks=3, task_id=1)
     finalize(str(out))
     assert tree_digest(out) == inputs.digest
 

@@ -140,6 +140,9 @@ def finalize(out_url: str) -> dict:
     out.write_bytes("failed.csv", _csv_bytes(FAILED_COLUMNS, failed))
     out.write_bytes("bad_lines.csv", _csv_bytes(BAD_LINE_COLUMNS, plan["bad_lines"]))
     out.write_bytes(MANIFEST_FILE, canonical_json(manifest))
+    stale = out.remove_temps()  # all shards are complete: no writer is left to own these
+    if stale:
+        log.info("removed %d temporary files left by killed runs", len(stale))
     log.info(
         "finalized %s: %d samples in %d shards, %d missing, %d failed, %d bad lines skipped",
         out.url,

@@ -121,6 +121,7 @@ def _write_shard(
     samples, failed = [], []
     digest, size = None, 0
     progress.update(missing=len(work.missing))
+    out.remove_temps(f"{name}.")  # this task owns shard j: leftovers of a killed run go
     with contextlib.suppress(_EmptyShard), out.spool(f"{name}.tar") as f:
         writer = ShardWriter(f)
         for job in work.jobs:

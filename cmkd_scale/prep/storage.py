@@ -1,7 +1,8 @@
 """The output location (local dir or any fsspec URL) with atomic publishing of files.
 
-Every file is first written under a hidden temporary name (``.NAME.tmp``) inside --out and
-then renamed, so a reader never sees a partial file.  Remote outputs are spooled to a local
+Every file is first written under a hidden temporary name (``.NAME.<pid>-<random>.tmp``,
+unique per writer, so concurrent tasks writing the same plan.json never collide) inside --out
+and then renamed, so a reader never sees a partial file.  Remote outputs are spooled to a local
 temporary file first and uploaded under the temporary name.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +21,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 def temp_name(name: str) -> str:
-    return f".{name}.tmp"
+    """A hidden name for ``name`` that no other writer (process, task, host) uses."""
+    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def is_temp_of(candidate: str, name_prefix: str) -> bool:
+    """Whether ``candidate`` is a temporary file of a name starting with ``name_prefix``."""
+    return candidate.startswith(f".{name_prefix}") and candidate.endswith(".tmp")
 
 
 class Output:
@@ -57,6 +65,14 @@ class Output:
     def remove(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm_file(self.path(name))
+
+    def remove_temps(self, name_prefix: str = "") -> list[str]:
+        """Delete temporary files left by killed writers of names starting with the prefix."""
+        stale = [n for n in self.names() if is_temp_of(n, name_prefix)]
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(name))
+        return stale
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Publish ``data`` as ``name`` atomically."""
