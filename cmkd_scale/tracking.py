@@ -83,6 +83,14 @@ def resolve_uri(configured: str, run_dir: Path) -> str:
     return uri or f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
 
 
+def local_artifact_location(uri: str) -> str | None:
+    """For a SQLite store, ``mlartifacts`` next to the database file (the server's default
+    otherwise)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
 def bound_http(timeout_s: float, max_retries: int) -> None:
     """Bound every MLflow HTTP call (the defaults block ~4 min per call on a dead server)."""
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
@@ -326,6 +334,7 @@ class MlflowTracker(Tracker):
         self._maps: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self._best: dict[str, float] = {}
         self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
+        self._plot_jobs: dict[Path, tuple[Any, tuple, dict]] = {}
         self.max_enqueue_s = 0.0  # longest time a logging call spent (tests, diagnostics)
 
         self.remote = RemoteRun(self.uri, health_timeout_s=tcfg.request_timeout_s)
@@ -374,9 +383,7 @@ class MlflowTracker(Tracker):
     # -- setup
 
     def _open_remote(self) -> None:
-        artifact_location = None
-        if self.uri.startswith("sqlite:"):
-            artifact_location = (self.run_dir / "mlartifacts").as_uri()
+        artifact_location = local_artifact_location(self.uri)
         run_id = self.remote.open(
             experiment=self.cfg.tracking.experiment,
             name=self.cfg.run.name or self.run_dir.name,
@@ -467,10 +474,10 @@ class MlflowTracker(Tracker):
         _write_class_table(table, class_names, ap, auc)
         self.log_artifact(table, "eval")
         self._plot_later(
+            self.journal.artifacts / "plots" / f"{prefix}_class_ap_epoch{epoch:03d}.png",
             plots.class_ap_extremes,
             ap,
-            class_names,
-            self.journal.artifacts / "plots" / f"{prefix}_class_ap_epoch{epoch:03d}.png",
+            list(class_names),
             title=f"{prefix} epoch {epoch}",
         )
         self._plot_run()
@@ -538,16 +545,23 @@ class MlflowTracker(Tracker):
     def _timed(self, start: float) -> None:
         self.max_enqueue_s = max(self.max_enqueue_s, time.perf_counter() - start)
 
-    def _plot_later(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """Render on the plot thread (a PNG takes ~0.5 s: not the training thread's time)."""
-        self._plotter.submit(self._plot, fn, *args, **kwargs)
+    def _plot_later(self, out: Path, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Render on the plot thread (a PNG costs ~0.5 s of CPU, not the training thread's);
+        a request for a file still waiting replaces the older one."""
+        with self._lock:
+            waiting = out in self._plot_jobs
+            self._plot_jobs[out] = (fn, args, kwargs)
+        if not waiting:
+            self._plotter.submit(self._plot, out)
 
-    def _plot(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """Render one PNG and log it; a plotting error is logged, never raised."""
+    def _plot(self, out: Path) -> None:
+        """Render the latest request for ``out`` and log it; errors are logged, never raised."""
+        with self._lock:
+            fn, args, kwargs = self._plot_jobs.pop(out)
         try:
-            out = fn(*args, **kwargs)
+            fn(*args, out=out, **kwargs)
         except Exception as exc:
-            log.warning("plot %s failed: %s", getattr(fn, "__name__", fn), exc)
+            log.warning("plot %s failed: %s", out.name, exc)
             return
         self.log_artifact(out, "plots")
 
@@ -556,9 +570,9 @@ class MlflowTracker(Tracker):
         curves = {k: list(v) for k, v in self._curves.series.items()}  # snapshots
         maps = {k: list(v) for k, v in self._maps.items()}
         if curves:
-            self._plot_later(plots.training_curves, curves, out / "training_curves.png")
+            self._plot_later(out / "training_curves.png", plots.training_curves, curves)
         if maps:
-            self._plot_later(plots.map_per_epoch, maps, out / "map_per_epoch.png")
+            self._plot_later(out / "map_per_epoch.png", plots.map_per_epoch, maps)
 
     def _sample_system(self, interval_s: float) -> None:
         sampler = sysinfo.SystemSampler()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cmkd_scale.logs import setup_logging
-from cmkd_scale.tracking import RemoteRun, bound_http
+from cmkd_scale.tracking import RemoteRun, bound_http, local_artifact_location
 from cmkd_scale.tracking_journal import JournalError, RunState, read_journal, tracking_dir
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def upload(run_dir: Path, uri: str | None = None) -> UploadReport:
     remote = RemoteRun(uri, health_timeout_s=10.0)
     if not remote.reachable():
         raise UploadError(f"MLflow at {uri} does not answer; start it (or pass --uri) and rerun")
-    artifact_location = (run_dir / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    artifact_location = local_artifact_location(uri)
     run_id = remote.open(
         experiment=state.data["experiment"],
         name=state.data["name"],
