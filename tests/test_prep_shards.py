@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -365,7 +366,7 @@ def test_verify_passes_then_names_each_problem(corpus: Corpus, tmp_path: Path) -
     assert cli.returncode == 1 and f"key {key}: flac" in cli.stdout
 
 
-def test_memory_url_output(tmp_path: Path) -> None:
+def test_memory_url_output_with_progress_lines(tmp_path: Path, caplog) -> None:
     import fsspec
 
     audio = tmp_path / "audio"
@@ -375,7 +376,12 @@ def test_memory_url_output(tmp_path: Path) -> None:
         tmp_path / "s.csv", [("memclip0001", 0, 1, [SPEECH]), ("memclip0002", 0, 1, [DOG, MUSIC])]
     )
     url = "memory://prep_test/out"
-    manifest = run_prep([csv_path], bundled_class_labels(), audio, url, shard_size=1)
+    with caplog.at_level(logging.INFO, logger="cmkd_scale.prep"):
+        manifest = run_prep(
+            [csv_path], bundled_class_labels(), audio, url, shard_size=1, progress_every_s=0
+        )
+    progress = [r.getMessage() for r in caplog.records if "clips/s" in r.getMessage()]
+    assert len(progress) >= 2 and "1/2 segments" in progress[0] and "ETA" in progress[0]
     fs = fsspec.filesystem("memory")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/prep_test/out", detail=False))
     assert "manifest.json" in names and "shard-000001.tar" in names

@@ -2,13 +2,14 @@
 
 Decoders: soundfile (libsndfile) for wav/flac/ogg/opus/mp3, PyAV (FFmpeg) for m4a/aac/webm and
 as the fallback when libsndfile refuses a file.  Resampling uses
-``torchaudio.functional.resample`` (band-limited windowed-sinc interpolation): it is already
-in the stack (no extra dependency), anti-aliases properly, is deterministic on one thread and
-takes ~4 ms per 10 s clip on one core.
+``torchaudio.transforms.Resample`` (band-limited windowed-sinc interpolation, kernel cached per
+source rate): it is already in the stack (no extra dependency, unlike soxr), anti-aliases
+properly, is deterministic on one thread and takes ~5 ms per 10 s clip on one core.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 
@@ -17,7 +18,7 @@ import soundfile as sf
 
 SAMPLE_RATE = 16000
 CUT_TOLERANCE_S = 1.0  # a file longer than the segment by more than this is the whole video
-RESAMPLER = "torchaudio.functional.resample(sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
+RESAMPLER = "torchaudio.transforms.Resample(sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
 FLAC_SUBTYPE = "PCM_16"
 _SOUNDFILE_EXTS = {"wav", "flac", "ogg", "oga", "opus", "mp3"}
 # libsndfile logs "data : 529200 (should be 264578)" for a WAV whose data chunk runs past EOF.
@@ -115,17 +116,34 @@ def decode_segment(path: str, start: float, end: float) -> tuple[np.ndarray, int
     return _cut(audio, sr, start, end), sr
 
 
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """Average the channels of frames x channels audio -> float32 [frames]."""
+    # column adds: numpy's mean(axis=1) over 2 columns is ~10x slower (strided reduction)
+    mono = audio[:, 0].astype(np.float32, copy=True)
+    for c in range(1, audio.shape[1]):
+        mono += audio[:, c]
+    if audio.shape[1] > 1:
+        mono *= np.float32(1.0 / audio.shape[1])
+    return mono
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig_sr: int):  # -> torchaudio.transforms.Resample
+    """A resampler to 16 kHz whose sinc kernel is built once per source rate."""
+    import torchaudio.transforms
+
+    return torchaudio.transforms.Resample(orig_sr, SAMPLE_RATE)
+
+
 def to_mono_16k(audio: np.ndarray, sr: int) -> np.ndarray:
     """Average the channels and resample to 16 kHz; returns float32 [frames]."""
-    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    mono = downmix(audio)
     if sr == SAMPLE_RATE:
-        return np.ascontiguousarray(mono, dtype=np.float32)
+        return mono
     import torch
-    import torchaudio.functional as taf
 
     with torch.inference_mode():
-        out = taf.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, SAMPLE_RATE)
-    return out.numpy()
+        return _resampler(int(sr))(torch.from_numpy(mono)).numpy()
 
 
 def to_pcm16(wave: np.ndarray) -> np.ndarray:

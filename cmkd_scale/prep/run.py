@@ -80,32 +80,51 @@ def _claim_plan(out: Output, plan: Plan) -> None:
     out.write_bytes(PLAN_FILE, data)
 
 
-def _results(works: list[ShardWork], workers: int) -> Iterator[ClipResult]:
-    """Clip results in job order; a pool keeps at most two shards of jobs queued."""
-    if workers <= 1:
-        import torch
+def _locate(plan: Plan, index: AudioIndex, shards: list[int]) -> Iterator[ShardWork]:
+    """Each pending shard's clip jobs and missing segments, made only when it is next."""
+    for j in shards:
+        jobs, missing = [], []
+        for pos in plan.shard_range(j):
+            seg = plan.segments[pos]
+            path = index.find(seg)
+            if path is None:
+                missing.append(seg)
+            else:
+                jobs.append(ClipJob(pos, path, seg.start, seg.end))
+        yield ShardWork(j, jobs, missing)
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one core per worker, and the same arithmetic as the pool
-        try:
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """In-process work uses one core, like a pool worker (and the same arithmetic)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _processed(
+    works: Iterator[ShardWork], workers: int
+) -> Iterator[tuple[ShardWork, Iterator[ClipResult]]]:
+    """Each shard with its clip results in job order; a pool works up to 2 shards ahead."""
+    if workers <= 1:
+        with _one_torch_thread():
             for work in works:
-                yield from map(process_clip, work.jobs)
-        finally:
-            torch.set_num_threads(threads)
+                yield work, map(process_clip, work.jobs)
         return
     ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch/DALI threads exist
     with ctx.Pool(workers, initializer=init_worker) as pool:
-        queued: deque[Iterator[ClipResult]] = deque()
-        todo = iter(works)
-        for work in todo:
-            queued.append(pool.imap(process_clip, work.jobs, chunksize=4))
-            if len(queued) == 2:
-                break
+        queued: deque[tuple[ShardWork, Iterator[ClipResult]]] = deque()
+        for work in works:
+            queued.append((work, pool.imap(process_clip, work.jobs, chunksize=4)))
+            if len(queued) > 2:
+                yield queued.popleft()
         while queued:
-            yield from queued.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                queued.append(pool.imap(process_clip, nxt.jobs, chunksize=4))
+            yield queued.popleft()
 
 
 def _write_shard(
@@ -120,12 +139,12 @@ def _write_shard(
     name = shard_name(work.j)
     samples, failed = [], []
     digest, size = None, 0
-    progress.update(missing=len(work.missing))
+    if work.missing:
+        progress.update(missing=len(work.missing))
     out.remove_temps(f"{name}.")  # this task owns shard j: leftovers of a killed run go
     with contextlib.suppress(_EmptyShard), out.spool(f"{name}.tar") as f:
         writer = ShardWriter(f)
-        for job in work.jobs:
-            res = next(results)
+        for job, res in zip(work.jobs, results, strict=True):
             if res.position != job.position:  # would mean results are out of order: a bug
                 raise RuntimeError(f"clip result {res.position} arrived for job {job.position}")
             seg = plan.segments[job.position]
@@ -206,25 +225,11 @@ def run_task(
         log.info("nothing to do: all %d shards of this task are complete in %s", len(mine), out)
         return plan, output, []
     index = AudioIndex.scan(Path(audio_dir))
-    works = []
-    for j in pending:
-        jobs, missing = [], []
-        for pos in plan.shard_range(j):
-            seg = plan.segments[pos]
-            path = index.find(seg)
-            if path is None:
-                missing.append(seg)
-            else:
-                jobs.append(ClipJob(pos, path, seg.start, seg.end))
-        works.append(ShardWork(j, jobs, missing))
     total = sum(len(plan.shard_range(j)) for j in pending)
     progress = Progress(total, progress_every_s)
-    results = _results(works, workers)
-    try:
-        for work in works:
+    with contextlib.closing(_processed(_locate(plan, index, pending), workers)) as shards:
+        for work, results in shards:  # closing() stops the pool at once if writing fails
             _write_shard(output, plan, work, results, index, progress)
-    finally:
-        results.close()  # type: ignore[attr-defined]
     progress.log(final=True)
     return plan, output, pending
 
