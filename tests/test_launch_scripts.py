@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -49,3 +50,26 @@ def test_shellcheck(script: Path) -> None:
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cluster_up_refuses_without_root(tmp_path: Path) -> None:
+    """Not root: a clear error that names the reason, and nothing is started."""
+    cmd = [str(ROOT / "launch" / "cluster_up.sh")]
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("runuser not available to drop root")
+        cmd = ["runuser", "-u", "nobody", "--", *cmd]
+    env = dict(os.environ, CMKD_SLURM_DIR=str(tmp_path / "cluster"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "must run as root" in proc.stderr
+    assert not (tmp_path / "cluster").exists()
+
+
+def test_cluster_down_without_a_cluster_is_a_no_op(tmp_path: Path) -> None:
+    env = dict(os.environ, CMKD_SLURM_DIR=str(tmp_path / "never-started"))
+    proc = subprocess.run(
+        [str(ROOT / "launch" / "cluster_down.sh")], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
