@@ -97,6 +97,24 @@ def _skip_reason() -> str | None:
     return None
 
 
+STATE_PREFIX = "cmkd-slurm-test-"
+
+
+def _reap_stale_clusters() -> None:
+    """Stop clusters left running by test sessions that died (their owner pid is gone)."""
+    for state_dir in Path(tempfile.gettempdir()).glob(f"{STATE_PREFIX}*"):
+        try:
+            os.kill(int((state_dir / "owner.pid").read_text()), 0)
+            continue  # its session is still running
+        except (ProcessLookupError, FileNotFoundError, ValueError):
+            pass  # owner gone, or a session that failed before recording itself
+        except OSError:
+            continue
+        env = dict(os.environ, CMKD_SLURM_DIR=str(state_dir))
+        subprocess.run([str(LAUNCH / "cluster_down.sh")], env=env, timeout=180, check=False)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
 _lock = threading.Lock()
 _users = 0
 _cluster: SlurmCluster | None = None
@@ -124,9 +142,11 @@ def _start(state_dir: Path) -> SlurmCluster:
     )
     if proc.returncode != 0:
         subprocess.run([str(LAUNCH / "cluster_down.sh")], env=env, timeout=120, check=False)
+        logs = cluster.log_tail()
+        shutil.rmtree(state_dir, ignore_errors=True)
         pytest.fail(
             f"launch/cluster_up.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n"
-            + cluster.log_tail()
+            + logs
         )
     return cluster
 
@@ -141,8 +161,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     with _lock:  # one cluster even when several test modules import this fixture
         if _cluster is None:
             # Not under pytest's 0700 tmp root: munged runs as the munge user and needs access.
-            state_dir = Path(tempfile.mkdtemp(prefix="cmkd-slurm-test-"))
+            _reap_stale_clusters()
+            state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
             state_dir.chmod(0o755)
+            (state_dir / "owner.pid").write_text(str(os.getpid()))
             _cluster = _start(state_dir)
         _users += 1
     try:
