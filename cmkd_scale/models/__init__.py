@@ -12,7 +12,12 @@ from torch import nn
 from cmkd_scale.config import ModelConfig
 from cmkd_scale.models.ast import ASTModel
 from cmkd_scale.models.cnn import EffNetAttention
-from cmkd_scale.models.load import CheckpointError, load_pretrained, read_checkpoint
+from cmkd_scale.models.load import (
+    CheckpointError,
+    load_checkpoint_object,
+    load_pretrained,
+    read_checkpoint,
+)
 from cmkd_scale.models.timm_image import TimmClassifier
 
 __all__ = [
@@ -21,6 +26,7 @@ __all__ = [
     "EffNetAttention",
     "TimmClassifier",
     "build_model",
+    "load_checkpoint_object",
     "load_pretrained",
     "read_checkpoint",
 ]

@@ -197,7 +197,12 @@ def _fit_shape(
 
 def load_pretrained(model: nn.Module, path: str, *, strict: bool = True) -> None:
     """Load AST / PSLA / CMKD / our exported weights from ``path`` into ``model``."""
-    raw = read_checkpoint(path)
+    load_checkpoint_object(model, read_checkpoint(path), source=path, strict=strict)
+
+
+def load_checkpoint_object(model: nn.Module, raw: Any, *, source: str, strict: bool = True) -> None:
+    """:func:`load_pretrained` on a checkpoint already read (``source`` names it in errors)."""
+    path = source
     state, wrapper = unwrap(raw, path)
     state = strip_module_prefix(state)
     layout = wrapper or detect_layout(list(state))
