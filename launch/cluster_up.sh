@@ -154,5 +154,5 @@ cat <<MSG
 Use it from this shell with:
     export SLURM_CONF=$SLURM_CONF        # or: source $dir/env.sh
 Stop it with:
-    $here/cluster_down.sh
+    ${CMKD_SLURM_DIR:+CMKD_SLURM_DIR=$dir }$here/cluster_down.sh
 MSG
