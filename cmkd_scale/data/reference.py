@@ -132,4 +132,4 @@ class ReferenceDataset(Dataset):
                 fbank = torchaudio.transforms.TimeMasking(cfg.timem)(fbank)
             fbank = fbank.T
         fbank = (fbank - cfg.norm_mean) / (cfg.norm_std * 2)
-        return fbank, torch.from_numpy(np.asarray(labels, dtype=np.float32))
+        return fbank, torch.from_numpy(np.array(labels, dtype=np.float32))  # a writable copy
