@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,3 +224,21 @@ def test_shard_tars_have_fixed_metadata(inputs: Inputs) -> None:
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
         (0, 0, 0, "", "", 0o644)
     }
+
+
+def test_missing_marker_rebuilds_that_shard_and_stale_temps_go(
+    inputs: Inputs, tmp_path: Path, caplog
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(inputs.reference, out)
+    (out / "shard-000001.meta.json").unlink()  # killed after the tar, before its marker
+    (out / "shard-000001.tar").write_bytes(b"stale bytes of an older attempt")
+    (out / "manifest.json").unlink()
+    (out / ".shard-000001.tar.999-deadbeef.tmp").write_bytes(b"partial")
+    (out / ".manifest.json.999-deadbeef.tmp").write_bytes(b"partial")
+    with caplog.at_level(logging.INFO, logger="cmkd_scale.prep"):
+        inputs.run(out)
+    assert f"{NUM_SHARDS - 1} already complete" in caplog.text
+    assert "removed 1 temporary files left by a killed run" in caplog.text
+    assert tree_digest(out) == inputs.digest
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

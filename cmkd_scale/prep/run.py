@@ -55,12 +55,28 @@ def _segment_row(seg: Segment) -> dict:
     }
 
 
-def is_shard_done(out: Output, j: int, fingerprint: str) -> bool:
-    name = f"{shard_name(j)}.meta.json"
-    if not out.exists(name):
-        return False
-    meta = json.loads(out.read_bytes(name))
-    return meta.get("fingerprint") == fingerprint
+def pending_shards(out: Output, shards: list[int], fingerprint: str) -> list[int]:
+    """The shards without a completion marker of this plan (one listing of --out)."""
+    present = set(out.names())
+    pending = []
+    for j in shards:
+        name = f"{shard_name(j)}.meta.json"
+        if (
+            name not in present
+            or json.loads(out.read_bytes(name)).get("fingerprint") != fingerprint
+        ):
+            pending.append(j)
+    return pending
+
+
+def _remove_stale_temps(out: Output, shards: list[int]) -> None:
+    """Temp files of our pending shards are leftovers of a killed run (we own those shards)."""
+    prefixes = tuple(f".{shard_name(j)}." for j in shards)
+    stale = [n for n in out.names() if n.startswith(prefixes) and n.endswith(".tmp")]
+    for name in stale:
+        out.remove(name)
+    if stale:
+        log.info("removed %d temporary files left by a killed run", len(stale))
 
 
 def _claim_plan(out: Output, plan: Plan) -> None:
@@ -141,7 +157,6 @@ def _write_shard(
     digest, size = None, 0
     if work.missing:
         progress.update(missing=len(work.missing))
-    out.remove_temps(f"{name}.")  # this task owns shard j: leftovers of a killed run go
     with contextlib.suppress(_EmptyShard), out.spool(f"{name}.tar") as f:
         writer = ShardWriter(f)
         for job, res in zip(work.jobs, results, strict=True):
@@ -209,7 +224,7 @@ def run_task(
     mine = task_shards(plan.num_shards, num_tasks, task_id)
     output = Output(out)
     _claim_plan(output, plan)
-    pending = [j for j in mine if not is_shard_done(output, j, plan.fingerprint)]
+    pending = pending_shards(output, mine, plan.fingerprint)
     log.info(
         "plan %s: %d segments -> %d shards of %d; task %d/%d owns %d shards, %d already complete",
         plan.fingerprint,
@@ -224,6 +239,7 @@ def run_task(
     if not pending:
         log.info("nothing to do: all %d shards of this task are complete in %s", len(mine), out)
         return plan, output, []
+    _remove_stale_temps(output, pending)
     index = AudioIndex.scan(Path(audio_dir))
     total = sum(len(plan.shard_range(j)) for j in pending)
     progress = Progress(total, progress_every_s)

@@ -25,11 +25,6 @@ def temp_name(name: str) -> str:
     return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def is_temp_of(candidate: str, name_prefix: str) -> bool:
-    """Whether ``candidate`` is a temporary file of a name starting with ``name_prefix``."""
-    return candidate.startswith(f".{name_prefix}") and candidate.endswith(".tmp")
-
-
 class Output:
     """Named files under one root directory, local or remote."""
 
@@ -63,15 +58,14 @@ class Output:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
 
     def remove(self, name: str) -> None:
-        if self.exists(name):
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(name))
 
-    def remove_temps(self, name_prefix: str = "") -> list[str]:
-        """Delete temporary files left by killed writers of names starting with the prefix."""
-        stale = [n for n in self.names() if is_temp_of(n, name_prefix)]
+    def remove_temps(self) -> list[str]:
+        """Delete every temporary file left by killed writers (only when none is running)."""
+        stale = [n for n in self.names() if n.startswith(".") and n.endswith(".tmp")]
         for name in stale:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self.path(name))
+            self.remove(name)
         return stale
 
     def write_bytes(self, name: str, data: bytes) -> None:
