@@ -38,7 +38,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # fbank [B,T,F] -> probabiliti
 
 @dataclass
 class EvalResult:
-    summary: dict[str, float]  # mAP, mAUC, dprime (every rank)
+    summary: dict[str, float]  # mAP, mAUC, dprime, acc (every rank)
     class_ap: np.ndarray | None = None  # [C] (rank 0 only)
     class_auc: np.ndarray | None = None
     probs: np.ndarray | None = None  # [N, C] in global sample order (rank 0 only)
@@ -98,9 +98,7 @@ def score(
 
     stats = compute_stats(probs, targets)
     summary = {k: float(v) for k, v in summarize(stats).items()}
-    ap = np.array([s["AP"] for s in stats], dtype=np.float64)
-    auc = np.array([s["auc"] for s in stats], dtype=np.float64)
-    return summary, ap, auc
+    return summary, np.asarray(stats["AP"], np.float64), np.asarray(stats["AUC"], np.float64)
 
 
 def evaluate(forward: Forward, loader: Any, *, device: torch.device) -> EvalResult:

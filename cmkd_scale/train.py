@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -112,6 +113,11 @@ class Trainer:
             device=loader_device,
         )
         self.num_classes = self.train_loader.num_classes
+        if self.eval_loader.num_classes != self.num_classes:
+            raise ValueError(
+                f"data.train has {self.num_classes} classes but data.eval has "
+                f"{self.eval_loader.num_classes}: prep both splits with the same class index"
+            )
         self.class_names = list(self.train_loader.class_names)
         # Whole optimizer steps per epoch; a tail of < grad_accum micro-batches is dropped.
         self.steps_per_epoch = self.train_loader.steps_per_epoch // ds.grad_accum
@@ -156,7 +162,8 @@ class Trainer:
         latest = self.ckpt.latest_tag()
         if latest is not None:
             self.state = self.ckpt.load(self.engine, latest)
-            self.train_loader.load_state_dict(self.state.loader)
+            if self.state.loader:
+                self.train_loader.load_state_dict(self.state.loader)
             self._warn_config_changes(self.state.config)
             self.state.config = cfg.to_dict()
         self.resumed_from = latest
@@ -332,7 +339,8 @@ class Trainer:
             )
             raise NonFiniteLossError(
                 f"non-finite loss at {where}; clips by rank: {bad}. Check those clips and "
-                f"optim.lr; {budget}. Resume point: checkpoints/latest in {self.run_dir}"
+                f"optim.lr; {budget}. Last good checkpoint: "
+                f"{self.ckpt.latest_tag() or 'none yet'} in {self.ckpt.ckpt_dir}"
             )
         state.nonfinite_skips += 1
         log.warning(
@@ -511,7 +519,10 @@ class Trainer:
         )
 
     def close(self, status: str, note: str = "") -> None:
+        """Finish the tracker run, release the DALI pipelines and the process group."""
         self.tracker.finish(status, note)
+        self.train_loader.close()
+        self.eval_loader.close()
         dist.destroy()
 
 
@@ -527,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     setup_logging()
     engine.ds_env_defaults()
+    # DeepSpeed calls torch.distributed functions torch has deprecated: not our users' concern
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     status, note = "FAILED", "crashed; resume from checkpoints/latest"
