@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cmkd_scale.prep import FinalizeError, PlanError, finalize, run_prep
@@ -114,13 +115,19 @@ def test_other_inputs_into_the_same_out_are_refused(inputs: Inputs, tmp_path: Pa
         run_prep([inputs.csv], bundled_class_labels(), inputs.audio, str(out), shard_size=5)
 
 
+@pytest.fixture(scope="module")
+def per_clip_reference(inputs: Inputs, tmp_path_factory) -> Path:
+    """An uninterrupted run with one clip per shard (many shards: kills land mid-run)."""
+    reference = tmp_path_factory.mktemp("per_clip") / "reference"
+    inputs.run(reference, shard_size=1)
+    return reference
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_the_same_result(
-    inputs: Inputs, tmp_path: Path, caplog
+    inputs: Inputs, per_clip_reference: Path, tmp_path: Path, caplog
 ) -> None:
-    # one clip per shard, so the kill lands with many shards done and many to go
-    reference = tmp_path / "reference"
-    inputs.run(reference, shard_size=1)
+    reference = per_clip_reference
     out, log = tmp_path / "out", tmp_path / "prep.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
@@ -242,3 +249,39 @@ def test_missing_marker_rebuilds_that_shard_and_stale_temps_go(
     assert "removed 1 temporary files left by a killed run" in caplog.text
     assert tree_digest(out) == inputs.digest
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_prep_with_a_clear_error(
+    inputs: Inputs, per_clip_reference: Path, tmp_path: Path
+) -> None:
+    """A worker killed by the OOM killer must not hang prep (multiprocessing.Pool would)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        inputs.cli(out, "--shard-size", "1", "--workers", "2"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[psutil.Process] = []
+        while len(workers) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            children = psutil.Process(proc.pid).children()
+            workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.01)
+        workers[0].kill()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, stderr
+    assert "a worker process died while shard-0000" in stderr and "rerun" in stderr
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "worker processes outlived prep"
+    assert not (out / "manifest.json").exists()
+    inputs.run(out, shard_size=1)
+    assert tree_digest(out) == tree_digest(per_clip_reference)

@@ -5,7 +5,7 @@
 
 from .manifest import FinalizeError, finalize
 from .plan import PlanError
-from .run import DEFAULT_SHARD_SIZE, run_prep
+from .run import DEFAULT_SHARD_SIZE, WorkerDied, run_prep
 from .segments import SegmentsError
 from .verify import verify
 
@@ -14,6 +14,7 @@ __all__ = [
     "FinalizeError",
     "PlanError",
     "SegmentsError",
+    "WorkerDied",
     "finalize",
     "run_prep",
     "verify",

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..logs import setup_logging
 from .manifest import FinalizeError, finalize
 from .plan import PlanError
-from .run import DEFAULT_SHARD_SIZE, run_prep
+from .run import DEFAULT_SHARD_SIZE, WorkerDied, run_prep
 from .segments import SegmentsError
 from .verify import verify
 
@@ -158,6 +158,6 @@ def main(argv: list[str] | None = None) -> int:
             progress_every_s=args.progress_every,
         )
         return 0
-    except (SegmentsError, PlanError, FinalizeError, FileNotFoundError) as exc:
+    except (SegmentsError, PlanError, FinalizeError, FileNotFoundError, WorkerDied) as exc:
         log.error("%s", exc)
         return 2

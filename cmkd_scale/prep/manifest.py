@@ -89,7 +89,7 @@ def read_metas(out: Output, plan: dict) -> list[dict]:
 
 def finalize(out_url: str) -> dict:
     """Write the global manifest, weights, missing.csv, failed.csv and bad_lines.csv."""
-    out = Output(out_url)
+    out = Output(out_url, create=False)
     plan = read_plan(out)
     metas = read_metas(out, plan)
     num_classes = plan["num_classes"]

@@ -13,6 +13,8 @@ import logging
 import multiprocessing
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,10 @@ class ShardWork:
     j: int
     jobs: list[ClipJob]
     missing: list[Segment]
+
+
+class WorkerDied(RuntimeError):
+    """A decoding process ended abnormally; completed shards are kept."""
 
 
 class _EmptyShard(Exception):
@@ -132,15 +138,21 @@ def _processed(
             for work in works:
                 yield work, map(process_clip, work.jobs)
         return
-    ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch/DALI threads exist
-    with ctx.Pool(workers, initializer=init_worker) as pool:
+    # spawn: fork is unsafe once torch/DALI threads exist.  An executor (not multiprocessing's
+    # Pool, which waits forever) reports a worker killed by the OOM killer or a decoder crash.
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker
+    )
+    try:
         queued: deque[tuple[ShardWork, Iterator[ClipResult]]] = deque()
         for work in works:
-            queued.append((work, pool.imap(process_clip, work.jobs, chunksize=4)))
+            queued.append((work, pool.map(process_clip, work.jobs, chunksize=4)))
             if len(queued) > 2:
                 yield queued.popleft()
         while queued:
             yield queued.popleft()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_shard(
@@ -243,9 +255,18 @@ def run_task(
     index = AudioIndex.scan(Path(audio_dir))
     total = sum(len(plan.shard_range(j)) for j in pending)
     progress = Progress(total, progress_every_s)
-    with contextlib.closing(_processed(_locate(plan, index, pending), workers)) as shards:
-        for work, results in shards:  # closing() stops the pool at once if writing fails
-            _write_shard(output, plan, work, results, index, progress)
+    work = None
+    try:
+        with contextlib.closing(_processed(_locate(plan, index, pending), workers)) as shards:
+            for work, results in shards:  # closing() stops the pool at once if writing fails
+                _write_shard(output, plan, work, results, index, progress)
+    except BrokenProcessPool as exc:
+        name = shard_name(work.j) if work is not None else "the first shard"
+        raise WorkerDied(
+            f"a worker process died while {name} was being built (killed, out of memory, or a "
+            "decoder crashed on one of its files); completed shards are kept: rerun the same "
+            "command to continue"
+        ) from exc
     progress.log(final=True)
     return plan, output, pending
 

@@ -28,11 +28,12 @@ def temp_name(name: str) -> str:
 class Output:
     """Named files under one root directory, local or remote."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.fs.makedirs(self.root, exist_ok=True)
+        if create:
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def path(self, name: str) -> str:
         if "/" in name or name.startswith(".."):

@@ -101,7 +101,7 @@ def _check_shard(out: Output, entry: dict, manifest: dict, decode: bool) -> tupl
 
 def verify(out_url: str, *, decode: bool = True, progress_every_s: float = 10.0) -> list[str]:
     """All problems found in ``out_url`` (empty list: the shards match the manifest)."""
-    out = Output(out_url)
+    out = Output(out_url, create=False)
     if not out.exists(MANIFEST_FILE):
         return [f"{MANIFEST_FILE}: missing (run prep, or `prep finalize`, first)"]
     manifest = json.loads(out.read_bytes(MANIFEST_FILE))
