@@ -152,3 +152,16 @@ def test_ytids_with_underscores_and_preference_order(tmp_path, classes) -> None:
 def test_missing_audio_dir_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="--audio-dir"):
         AudioIndex.scan(tmp_path / "nope")
+
+
+def test_byte_order_mark_and_undecodable_bytes(tmp_path, classes) -> None:
+    csv_path = write_segments_csv(tmp_path / "seg.csv", [("good1", 0.0, 10.0, [SPEECH])])
+    data = b"\xef\xbb\xbf" + csv_path.read_bytes() + b'bad\xff\xfeid, 0, 10, "/m/09x0r"\n'
+    csv_path.write_bytes(data)
+    found = read_segments([csv_path], classes)
+    assert [s.ytid for s in found.segments] == ["good1", "bad\ufffd\ufffdid"]
+    assert found.segments[1].line == 5 and "." not in found.segments[1].key
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b'index,mid,display_name\n0,/m/x,"Sp\xffeech"\n')
+    with pytest.raises(SegmentsError, match="not UTF-8"):
+        read_class_index(labels)

@@ -104,14 +104,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_class_index(path: Path) -> ClassIndex:
-    """Read ``class_labels_indices.csv``; indices must be 0..C-1 in order, MIDs unique."""
+def _read_class_index(path: Path) -> ClassIndex:
     path = Path(path)
     if not path.is_file():
         raise SegmentsError(f"class index {path} does not exist (pass --class-labels)")
     classes: list[AudioClass] = []
     by_mid: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != ["index", "mid", "display_name"]:
@@ -140,6 +139,14 @@ def read_class_index(path: Path) -> ClassIndex:
     if not classes:
         raise SegmentsError(f"{path}: no classes listed")
     return ClassIndex(tuple(classes), by_mid, file_sha256(path))
+
+
+def read_class_index(path: Path) -> ClassIndex:
+    """Read ``class_labels_indices.csv``; indices must be 0..C-1 in order, MIDs unique."""
+    try:
+        return _read_class_index(Path(path))
+    except UnicodeDecodeError as exc:
+        raise SegmentsError(f"class index {path} is not UTF-8 text ({exc})") from None
 
 
 def _parse_row(row: list[str], classes: ClassIndex) -> tuple[str, float, float, tuple[str, ...]]:
@@ -174,7 +181,8 @@ def read_segment_csv(
     if not path.is_file():
         raise SegmentsError(f"segment CSV {path} does not exist (check --segments)")
     segments: list[Segment] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    # undecodable bytes become U+FFFD: such a YTID is then reported missing, with its line
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f, skipinitialspace=True)
         for row in reader:
             if not row or (len(row) == 1 and not row[0].strip()) or row[0].startswith("#"):
