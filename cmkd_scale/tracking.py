@@ -45,6 +45,8 @@ import json
 import logging
 import math
 import os
+import posixpath
+import re
 import sys
 import threading
 import time
@@ -335,6 +337,7 @@ class MlflowTracker(Tracker):
         self._best: dict[str, float] = {}
         self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
         self._plot_jobs: dict[Path, tuple[Any, tuple, dict]] = {}
+        self._renamed: set[str] = set()
         self.max_enqueue_s = 0.0  # longest time a logging call spent (tests, diagnostics)
 
         self.remote = RemoteRun(self.uri, health_timeout_s=tcfg.request_timeout_s)
@@ -416,7 +419,7 @@ class MlflowTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         start = time.perf_counter()
         values = {}
-        for key, value in params.items():
+        for key, value in self._safe(params).items():
             text = str(value)
             if len(text) > _MAX_PARAM_CHARS:
                 log.warning(
@@ -430,7 +433,7 @@ class MlflowTracker(Tracker):
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         start = time.perf_counter()
-        values = {k: str(v) for k, v in tags.items()}
+        values = {k: str(v) for k, v in self._safe(tags).items()}
         self.journal.write("tags", tags=values)
         self._submit(("tags", values))
         self._timed(start)
@@ -438,7 +441,7 @@ class MlflowTracker(Tracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         start = time.perf_counter()
         ts = now_ms()
-        values = {k: float(v) for k, v in metrics.items()}
+        values = {k: float(v) for k, v in self._safe(metrics).items()}
         self.journal.write("metrics", ts=ts, step=int(step), values=values)
         for key, value in values.items():
             group = key.split("/", 1)[0] if "/" in key else ""
@@ -542,6 +545,17 @@ class MlflowTracker(Tracker):
 
     # -- helpers
 
+    def _safe(self, items: dict[str, Any]) -> dict[str, Any]:
+        """Rename keys MLflow would refuse (warned once per key)."""
+        out = {}
+        for key, value in items.items():
+            clean = safe_key(key)
+            if clean != key and key not in self._renamed:
+                self._renamed.add(key)
+                log.warning("MLflow refuses the name %r: logged as %r", key, clean)
+            out[clean] = value
+        return out
+
     def _timed(self, start: float) -> None:
         self.max_enqueue_s = max(self.max_enqueue_s, time.perf_counter() - start)
 
@@ -589,6 +603,19 @@ class MlflowTracker(Tracker):
     def _at_exit(self) -> None:
         if not self._finished:
             self.finish("FAILED", note="process exited without calling Tracker.finish()")
+
+
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def safe_key(key: str) -> str:
+    """A name MLflow accepts (alphanumerics, _ - . space : /, no empty or '..' path parts);
+    a bad name would make the server refuse a whole batch."""
+    clean = _BAD_KEY_CHARS.sub("_", str(key))
+    norm = posixpath.normpath(clean) if clean else "_"
+    if norm != clean or norm in (".", "..") or norm.startswith(("/", "..")):
+        clean = clean.replace("/", "_").replace("..", "__") or "_"
+    return clean
 
 
 def _eval_parts(stats: Any) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None]:

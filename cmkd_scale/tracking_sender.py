@@ -69,6 +69,7 @@ class Sender(threading.Thread):
         self.offline = False
         self.dropped = 0  # records that only the journal holds (queue full, buffer full, rejected)
         self.sent_points = 0
+        self._refused: set[str] = set()
 
     # ----------------------------------------------------------- training-thread side
 
@@ -211,8 +212,10 @@ class Sender(threading.Thread):
                 raise
             # the server refused this record (bad value, not a connection problem): retrying
             # cannot help, so skip it; the journal still has it
-            log.warning(
-                "MLflow refused a %s record (kept in %s): %s", op[0], self._journal_hint, exc
+            level = logging.DEBUG if op[0] in self._refused else logging.WARNING
+            self._refused.add(op[0])  # warn once per kind, not on every flush
+            log.log(
+                level, "MLflow refused a %s record (kept in %s): %s", op[0], self._journal_hint, exc
             )
             self.dropped += size
             return

@@ -43,7 +43,8 @@ def healthy(uri: str, timeout: float = 2.0) -> bool:
 
 @dataclass
 class MlflowServer:
-    """One ``mlflow server`` process (sqlite backend, proxied artifacts, one worker)."""
+    """One ``mlflow server`` started by launch/mlflow_server.sh (sqlite backend, proxied
+    artifacts, one worker, no job runner)."""
 
     db: Path
     artifacts: Path
@@ -58,19 +59,18 @@ class MlflowServer:
     def log_path(self) -> Path:
         return self.db.with_suffix(".server.log")
 
-    def start(self, timeout_s: float = 120.0) -> MlflowServer:
+    def start(self, timeout_s: float = 240.0) -> MlflowServer:
         """Start and wait for /health; the log is in ``log_path`` (shown on failure)."""
         env = {
             **os.environ,
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "CMKD_MLFLOW_DIR": str(self.db.parent),
+            "CMKD_MLFLOW_BACKEND": f"sqlite:///{self.db}",
+            "CMKD_MLFLOW_ARTIFACTS": str(self.artifacts),
+            "CMKD_MLFLOW_HOST": "127.0.0.1",
+            "CMKD_MLFLOW_PORT": str(self.port),
+            "CMKD_PYTHON": sys.executable,
         }
-        cmd = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.db}",
-            "--artifacts-destination", str(self.artifacts),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
+        cmd = ["bash", str(ROOT / "launch" / "mlflow_server.sh")]  # execs `mlflow server`
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -7,12 +7,16 @@ tracker exactly as the trainer does (rank 0 real, rank 1 no-op).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from fixtures_mlflow import CLASS_NAMES, mlflow_server, run_driver  # noqa: F401
+from fixtures_mlflow import CLASS_NAMES, ROOT, free_port, mlflow_server, run_driver  # noqa: F401
 from mlflow import MlflowClient
 
 from cmkd_scale.tracking_journal import read_journal
@@ -89,3 +93,60 @@ def test_preempted_run_ends_killed_and_resume_continues_it(mlflow_server, tmp_pa
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, 11))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny synthetic AudioSet shards through the real prep (16 train, 7 eval clips)."""
+    from fixtures_data import make_shards
+
+    root = tmp_path_factory.mktemp("tracking_shards")
+    return {
+        "train": make_shards(root / "train", num_clips=16, seed=0),
+        "eval": make_shards(root / "eval", num_clips=7, seed=1),
+    }
+
+
+def test_real_trainer_two_ranks_logs_to_the_server(
+    mlflow_server,  # noqa: F811
+    shards: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "cmkd_scale.train", "--config", str(ROOT / "configs" / "debug_cpu.yaml"),
+        f"run.dir={run_dir}", f"data.train={shards['train']}", f"data.eval={shards['eval']}",
+        "teacher=none", "run.epochs=2", "run.log_every_steps=1", "tracking.enabled=true",
+        f"tracking.uri={mlflow_server.uri}", "tracking.flush_every_s=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    client = MlflowClient(mlflow_server.uri)
+    run = _only_run(client, run_dir)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001"
+    assert run.data.params["deepspeed.zero_stage"] == "2"
+    # 16 clips / (micro batch 4 x 2 ranks) = 2 steps per epoch, 2 epochs
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    for key in ("label_loss", "kd_loss", "lr", "grad_norm", "clips_per_s", "data_wait_frac"):
+        assert len(client.get_metric_history(run_id, key)) == 4, key
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mAP")] == [2, 4]
+    tags = run.data.tags
+    assert tags["world_size"] == "2" and tags["launcher"] == "torchrun"
+    assert tags["student"] == "ast:vit_tiny_patch16_224"
+    manifest = shards["train"] / "manifest.json"
+    assert tags["data.train.manifest"] == str(manifest)
+    assert tags["data.train.sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert (run_dir / "tracker_run_id").read_text().strip() == run_id
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "deepspeed.json", "eval", "plots", "checkpoint", "data"} <= names
+    exported = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+    assert exported in (["checkpoint/best.pt"], ["checkpoint/final.pt"])
+    table = client.download_artifacts(run_id, "eval/eval_class_ap_epoch002_step4.csv", tmp_path)
+    rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
+    assert len(rows) == 527 and "Speech" in {r["display_name"] for r in rows}
