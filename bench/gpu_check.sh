@@ -98,7 +98,7 @@ if [[ $DRY_RUN == 0 ]]; then
     LIMIT=(150 120 420 120)  # seconds per step: gpu_tests parity train projection
 else
     DEVICE=cpu
-    TRAIN_ARGS=(--size dry --steps 2 --warmup 1 --max-probes 2 --mem-cap-gib 0.75)
+    TRAIN_ARGS=(--size dry --steps 2 --warmup 1 --max-probes 2 --mem-cap-gib 3)
     PARITY_ARGS=(--clips 2 --clip-s 3)
     PROJECT_ARGS=(--measure-clips 8)  # used only when bench/results/loader.json is absent
     LIMIT=(600 600 1800 600)  # 2 shared CPU cores: imports alone can take a minute
