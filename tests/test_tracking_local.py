@@ -5,17 +5,22 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_mlflow import free_port
 from mlflow import MlflowClient
 
 from cmkd_scale import plots
 from cmkd_scale.config import load_config
 from cmkd_scale.tracking import MlflowTracker, Tracker, make_tracker
+from cmkd_scale.tracking import main as tracking_main
 from cmkd_scale.tracking_journal import JournalError, read_journal
+from cmkd_scale.tracking_upload import UploadError, upload
 
 CLASSES = [f"class {i}" for i in range(8)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -209,3 +214,41 @@ def test_plots_refuse_mismatched_inputs(tmp_path: Path) -> None:
         plots.training_curves({"loss": []}, tmp_path / "y.png")
     out = plots.class_ap_extremes([np.nan, 0.2, 0.9], ["a", "b", "c"], tmp_path / "z.png")
     assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_offline_run_uploads_into_a_local_store_by_the_cli(
+    tmp_path: Path, store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()  # nothing listens: the run is tracked offline
+    cfg = _cfg("tracking.system_metrics=false", f"tracking.uri=http://127.0.0.1:{port}")
+    tracker = make_tracker(cfg, rank=0, run_dir=tmp_path / "run")
+    with tracker:
+        tracker.log_params(cfg.flat())
+        for step in range(1, 11):
+            tracker.log_metrics({"loss": 1 / step, "top[1] acc": 0.1 * step}, step)
+    assert "logged as 'top_1_ acc'" in caplog.text  # a name MLflow refuses is renamed once
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmkd_scale.tracking",
+        "upload",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run([*cmd, "--uri", store], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'metric_points': 20" in proc.stderr
+    client, run = _only_run(store, tmp_path / "run")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "top_1_ acc")] == list(
+        range(1, 11)
+    )
+    again = upload(tmp_path / "run", store)  # idempotent: nothing new to send
+    assert (again.metric_points, again.metric_points_present, again.params) == (0, 20, 0)
+
+
+def test_upload_of_a_directory_without_a_journal_says_what_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(UploadError, match=r"has no tracking journal .* pass the run directory"):
+        upload(tmp_path)
+    assert tracking_main(["upload", "--run-dir", str(tmp_path)]) == 2
+    assert tracking_main(["download"]) == 2
