@@ -58,11 +58,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "pass": stage.get("mfu", 0.0) >= MFU_TARGET,
         }
     )
+    # steady state: the toy shard set restarts its epoch (a DALI rebuild) every few dozen
+    # steps, a real AudioSet epoch once per ~1.8 M clips
+    wait = stage.get("data_wait_frac_steady", stage.get("data_wait_frac"))
     out.append(
         {
-            "target": f"data wait < {DATA_WAIT_TARGET:.0%} of step time",
-            "value": stage.get("data_wait_frac"),
-            "pass": "data_wait_frac" in stage and stage["data_wait_frac"] < DATA_WAIT_TARGET,
+            "target": f"data wait < {DATA_WAIT_TARGET:.0%} of step time (outside epoch starts)",
+            "value": wait,
+            "pass": wait is not None and wait < DATA_WAIT_TARGET,
         }
     )
     return out

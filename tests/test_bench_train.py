@@ -24,7 +24,7 @@ def _check_stage(s: dict, *, ranks: int) -> None:
     assert s["ranks"] == ranks
     assert s["clips_per_s"] > 0 and s["student_only_clips_per_s"] > 0
     assert s["clips_per_s_per_device"] == pytest.approx(s["clips_per_s"] / ranks, rel=1e-2)
-    assert 0 <= s["data_wait_frac"] < 1
+    assert 0 <= s["data_wait_frac_steady"] <= s["data_wait_frac"] < 1
     split = s["split_ms"]
     assert set(split) == {
         "data_wait_ms",

@@ -66,7 +66,8 @@ def test_none_fits() -> None:
 
 
 def _rank(step_ms: float, student_ms: float) -> dict:
-    run = {"steps": 4, "wall_s": 0.0, "data_wait_frac": 0.01}
+    run = {"steps": 4, "wall_s": 0.0, "data_wait_frac": 0.01, "data_wait_frac_steady": 0.005}
+    run["epoch_starts"] = 1
     return {
         "peak_flops": 1e12,
         "peak_source": "test",
@@ -84,6 +85,7 @@ def test_summary_mfu_and_teacher_overhead() -> None:
     assert s["mfu_student_only"] == pytest.approx(2e11 / 0.25 / 1e12)
     assert s["teacher_overhead"]["clips_per_s_ratio_with_to_without"] == pytest.approx(0.5)
     assert s["clips_per_s_per_device"] == pytest.approx(s["clips_per_s"] / 2)
+    assert s["data_wait_frac_steady"] <= s["data_wait_frac"]
 
 
 @pytest.mark.parametrize("size", sorted(bench_train.SIZES))
@@ -139,5 +141,8 @@ def test_gpu_check_targets() -> None:
     slow = {**good, "train": {"cases": {"kd_ast": {"stages": {"zero2": {"mfu": 0.3}}}}}}
     verdicts = [t["pass"] for t in _gpu_check_report.targets(slow)]
     assert verdicts == [True, True, False, False]
+    stage = {"mfu": 0.5, "data_wait_frac": 0.2, "data_wait_frac_steady": 0.01}
+    rebuilds = {**good, "train": {"cases": {"kd_ast": {"stages": {"zero2": stage}}}}}
+    assert _gpu_check_report.targets(rebuilds)[3]["pass"]  # steady share is judged
     skipped = {**good, "gpu_tests": {"tests": 5, "failures": 0, "errors": 0, "skipped": 5}}
     assert not _gpu_check_report.targets(skipped)[0]["pass"]
