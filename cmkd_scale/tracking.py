@@ -566,7 +566,10 @@ class MlflowTracker(Tracker):
             waiting = out in self._plot_jobs
             self._plot_jobs[out] = (fn, args, kwargs)
         if not waiting:
-            self._plotter.submit(self._plot, out)
+            try:
+                self._plotter.submit(self._plot, out)
+            except RuntimeError:  # the interpreter is shutting down (atexit): render here
+                self._plot(out)
 
     def _plot(self, out: Path) -> None:
         """Render the latest request for ``out`` and log it; errors are logged, never raised."""

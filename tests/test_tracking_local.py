@@ -15,7 +15,7 @@ import pytest
 from fixtures_mlflow import free_port
 from mlflow import MlflowClient
 
-from cmkd_scale import plots
+from cmkd_scale import plots, sysinfo
 from cmkd_scale.config import load_config
 from cmkd_scale.tracking import MlflowTracker, Tracker, make_tracker
 from cmkd_scale.tracking import main as tracking_main
@@ -252,3 +252,36 @@ def test_upload_of_a_directory_without_a_journal_says_what_to_pass(tmp_path: Pat
         upload(tmp_path)
     assert tracking_main(["upload", "--run-dir", str(tmp_path)]) == 2
     assert tracking_main(["download"]) == 2
+
+
+def test_exit_without_finish_marks_the_run_failed(tmp_path: Path, store: str) -> None:
+    script = (
+        "from pathlib import Path\n"
+        "from cmkd_scale.config import load_config\n"
+        "from cmkd_scale.tracking import make_tracker\n"
+        f"cfg = load_config(None, ['model.arch=ast', 'tracking.uri={store}'])\n"
+        f"tracker = make_tracker(cfg, rank=0, run_dir=Path({str(tmp_path)!r}))\n"
+        "tracker.log_metrics({'loss': 0.5}, 1)\n"  # then exit: no finish(), no with-block
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Exception ignored" not in proc.stderr
+    _, run = _only_run(store, tmp_path)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure"] == "process exited without calling Tracker.finish()"
+    assert run.data.metrics["loss"] == 0.5
+
+
+@pytest.mark.gpu
+def test_gpu_type_tag_and_gpu_system_metrics() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    assert torch.cuda.get_device_name(0) in sysinfo.gpu_name()
+    sampler = sysinfo.SystemSampler()
+    try:
+        sample = sampler.sample()
+    finally:
+        sampler.close()
+    assert 0 <= sample["system/gpu_0_utilization_percentage"] <= 100
+    assert sample["system/gpu_0_memory_usage_megabytes"] > 0
