@@ -163,7 +163,8 @@ def average_weights(paths: Sequence[Path]) -> dict[str, Any]:
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     for path in paths[1:]:
         sd = load_export(path)["model"]
-        if sd.keys() != total.keys():
+        same = sd.keys() == total.keys() and all(sd[k].shape == total[k].shape for k in sd)
+        if not same:
             raise ValueError(f"{path} has different parameters than {paths[0]}; cannot average")
         for k, v in sd.items():
             if v.is_floating_point():
