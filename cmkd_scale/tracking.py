@@ -40,13 +40,10 @@ and SystemExit count as KILLED) and an exit without it marks the run FAILED.
 from __future__ import annotations
 
 import atexit
-import csv
 import json
 import logging
 import math
 import os
-import posixpath
-import re
 import sys
 import threading
 import time
@@ -57,7 +54,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -65,6 +61,7 @@ from mlflow.exceptions import MlflowException
 
 from cmkd_scale import plots, sysinfo
 from cmkd_scale.tracking_journal import Journal, RunState, now_ms
+from cmkd_scale.tracking_report import Curves, eval_parts, safe_key, write_class_table
 from cmkd_scale.tracking_sender import Op, Point, Sender
 
 log = logging.getLogger(__name__)
@@ -291,26 +288,6 @@ class Tracker:
             self.finish("FAILED", note=f"{type(exc).__name__}: {exc}")
 
 
-class _Curves:
-    """Metric history for plots, thinned by half whenever a series reaches ``cap`` points."""
-
-    def __init__(self, cap: int = 4000) -> None:
-        self.cap = cap
-        self.series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        self._every: dict[str, int] = defaultdict(lambda: 1)
-        self._seen: dict[str, int] = defaultdict(int)
-
-    def add(self, key: str, step: int, value: float) -> None:
-        self._seen[key] += 1
-        if (self._seen[key] - 1) % self._every[key]:
-            return
-        series = self.series[key]
-        series.append((step, value))
-        if len(series) >= self.cap:
-            self.series[key] = series[::2]
-            self._every[key] *= 2
-
-
 class MlflowTracker(Tracker):
     """Rank 0's tracker: journal first, then MLflow through a background sender."""
 
@@ -332,12 +309,13 @@ class MlflowTracker(Tracker):
         self.journal.write("start", uri=self.uri, resume_run_id=resume_run_id, name=name)
         self._finished = False
         self._lock = threading.Lock()
-        self._curves = _Curves()
+        self._curves = Curves()
         self._maps: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self._best: dict[str, float] = {}
         self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
         self._plot_jobs: dict[Path, tuple[Any, tuple, dict]] = {}
         self._renamed: set[str] = set()
+        self._warned_full = False
         self.max_enqueue_s = 0.0  # longest time a logging call spent (tests, diagnostics)
 
         self.remote = RemoteRun(self.uri, health_timeout_s=tcfg.request_timeout_s)
@@ -413,7 +391,8 @@ class MlflowTracker(Tracker):
     # -- the Tracker interface
 
     def _submit(self, op: Op) -> None:
-        if not self.sender.submit(op) and self.sender.dropped == 1:
+        if not self.sender.submit(op) and not self._warned_full:
+            self._warned_full = True
             log.warning("MLflow queue full: records are kept in %s only", self.journal.path)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -458,7 +437,7 @@ class MlflowTracker(Tracker):
         class_names: Sequence[str],
         prefix: str = "eval",
     ) -> None:
-        summary, ap, auc = _eval_parts(stats)
+        summary, ap, auc = eval_parts(stats)
         best = max(self._best.get(prefix, -math.inf), summary["mAP"])
         self._best[prefix] = best
         self._maps[prefix].append((epoch, summary["mAP"]))
@@ -474,7 +453,7 @@ class MlflowTracker(Tracker):
         table = (
             self.journal.artifacts / "eval" / f"{prefix}_class_ap_epoch{epoch:03d}_step{step}.csv"
         )
-        _write_class_table(table, class_names, ap, auc)
+        write_class_table(table, class_names, ap, auc)
         self.log_artifact(table, "eval")
         self._plot_later(
             self.journal.artifacts / "plots" / f"{prefix}_class_ap_epoch{epoch:03d}.png",
@@ -532,6 +511,7 @@ class MlflowTracker(Tracker):
         self._submit(("status", (status, end)))
         complete = self.sender.stop(self.cfg.tracking.finish_timeout_s)
         self.journal.close()
+        log.info("longest tracker call on the training thread: %.1f ms", 1e3 * self.max_enqueue_s)
         if complete:
             log.info("MLflow run %s %s: %s", self.run_id, status, self.remote.ui_url())
         else:
@@ -606,57 +586,6 @@ class MlflowTracker(Tracker):
     def _at_exit(self) -> None:
         if not self._finished:
             self.finish("FAILED", note="process exited without calling Tracker.finish()")
-
-
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-def safe_key(key: str) -> str:
-    """A name MLflow accepts (alphanumerics, _ - . space : /, no empty or '..' path parts);
-    a bad name would make the server refuse a whole batch."""
-    clean = _BAD_KEY_CHARS.sub("_", str(key))
-    norm = posixpath.normpath(clean) if clean else "_"
-    if norm != clean or norm in (".", "..") or norm.startswith(("/", "..")):
-        clean = clean.replace("/", "_").replace("..", "__") or "_"
-    return clean
-
-
-def _eval_parts(stats: Any) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None]:
-    """(summary with mAP/mAUC/dprime, per-class AP, per-class AUC) from a dict or EvalResult."""
-    if hasattr(stats, "summary"):  # cmkd_scale.evaluate.EvalResult
-        summary, ap, auc = dict(stats.summary), stats.class_ap, stats.class_auc
-    elif isinstance(stats, dict):
-        summary = {k: stats[k] for k in ("mAP", "mAUC", "dprime") if k in stats}
-        ap, auc = stats.get("AP"), stats.get("AUC")
-    else:
-        raise TypeError(f"log_eval: stats must be a dict or EvalResult, got {type(stats).__name__}")
-    if "mAP" not in summary:
-        raise ValueError(f"log_eval: stats lack 'mAP' (have {sorted(summary)})")
-    summary = {k: float(v) for k, v in summary.items()}
-    ap = None if ap is None else np.asarray(ap, dtype=float)
-    auc = None if auc is None else np.asarray(auc, dtype=float)
-    return summary, ap, auc
-
-
-def _write_class_table(
-    path: Path, class_names: Sequence[str], ap: np.ndarray, auc: np.ndarray | None
-) -> None:
-    """Per-class AP (and AUC) with class names, ranked best first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    order = np.argsort(-np.nan_to_num(ap, nan=-1.0), kind="stable")
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["rank", "index", "display_name", "AP", "AUC"])
-        for rank, i in enumerate(order, start=1):
-            writer.writerow(
-                [
-                    rank,
-                    int(i),
-                    class_names[i],
-                    f"{ap[i]:.6f}",
-                    "" if auc is None else f"{auc[i]:.6f}",
-                ]
-            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

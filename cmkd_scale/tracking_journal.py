@@ -55,6 +55,9 @@ class Journal:
         record = {"t": kind, "ts": fields.pop("ts", None) or now_ms(), **fields}
         line = json.dumps(record, default=str)
         with self._lock:
+            if self._fh.closed:  # a call after finish(): nothing to record it in
+                log.warning("tracking call after the run ended, not recorded: %s", line[:200])
+                return record
             self._fh.write(line + "\n")
             self._fh.flush()
         return record
