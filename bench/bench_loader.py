@@ -1,29 +1,37 @@
 """Loader cost: CPU milliseconds per clip and clips/s, DALI pipeline versus AST's reference way.
 
-Same shards for both (synthetic 10 s clips through the real prep). In one run:
-  * ours, training mode: TrainLoader (planned sampling, range reads, DALI decode + mixup +
-    Kaldi fbank + pad/crop + SpecAugment + normalisation), one epoch after a warm-up epoch;
-  * reference, training mode: a torch DataLoader over AST's dataset code (decode each clip,
-    mixup, kaldi.fbank, torchaudio Frequency/TimeMasking, normalisation per item);
-  * the same two in eval mode (no augmentation): EvalLoader versus the reference without masks.
-CPU time is the process's user+system time over all its threads (``time.process_time``), so a
-multi-threaded pipeline is charged for every core it uses. The reference runs in-process
-(``num_workers=0``) so that all its CPU time is counted too. Runs alternate between ours and
-the reference and each side's least-disturbed run (lowest CPU time) is reported, all runs kept
-in the JSON: on a shared machine the load of other processes inflates CPU time. With a CUDA
-GPU the script also measures the pipeline with ``device="gpu"`` (clips/s, CPU ms per clip)
-and the GPU features' parity with Kaldi.
+Same shards for both (synthetic 10 s clips through the real prep), same clips, same number of
+clips per pass. In one run, alternating pass by pass:
+  * ours, training: TrainLoader (planned sampling, range reads, DALI decode + mixup + Kaldi
+    fbank + pad/crop + SpecAugment + normalisation) for one epoch;
+  * reference, training: a torch DataLoader over AST's dataset code (decode each clip, mixup,
+    kaldi.fbank, torchaudio Frequency/TimeMasking, normalisation per item);
+  * the same two in eval mode (no augmentation): EvalLoader versus the reference w/o masks;
+  * ours, decode only: the same reads and DALI decoding with nothing after it, i.e. the CPU
+    work that stays on the CPU when the features are computed on a GPU.
+CPU time is user+system time of the whole process (every thread) plus its waited-for children
+(``resource.getrusage`` SELF + CHILDREN, so DataLoader worker processes count too). Both sides
+get the same thread count: DALI ``num_threads`` = ``--threads``, the reference runs
+``--threads - 1`` DataLoader workers (0 = in-process) with one torch thread each. Every loader
+is built and run once before measuring (warm-up, not counted): ours keeps its DALI pipeline
+from pass to pass as the trainer does. Each figure is the median of ``--repeats`` passes (all
+kept in the JSON, with the 1-minute load average during each pass): on a shared machine other
+processes inflate CPU time. With a CUDA GPU the script also measures the pipeline with
+``device="gpu"`` (clips/s, CPU ms per clip) and the GPU features' parity with Kaldi.
 
     .venv/bin/python bench/bench_loader.py [--clips 96] [--batch 16] [--threads 1]
-                                           [--out bench/results/loader.json]
+                                           [--repeats 5] [--out bench/results/loader.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +48,7 @@ from cmkd_scale.config import DataConfig  # noqa: E402
 from cmkd_scale.data import EvalLoader, TrainLoader  # noqa: E402
 from cmkd_scale.data.manifest import ShardSet  # noqa: E402
 from cmkd_scale.data.members import MemberReader  # noqa: E402
-from cmkd_scale.data.pipeline import FeatureSpec  # noqa: E402
+from cmkd_scale.data.pipeline import DaliRunner, FeatureSpec  # noqa: E402
 from cmkd_scale.data.reference import ReferenceDataset, decode, kaldi_fbank  # noqa: E402
 from cmkd_scale.prep import run_prep  # noqa: E402
 from cmkd_scale.synth import make_synthetic_audioset  # noqa: E402
@@ -56,29 +64,37 @@ def make_shards(folder: Path, clips: int) -> Path:
     return out
 
 
+def cpu_seconds() -> float:
+    """User+system CPU seconds of this process (all threads) and its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def measure(batches: Callable[[], Iterable], clips_of: Callable[[object], int]) -> dict:
-    """Run one pass; wall time, process CPU time (all threads), per-clip figures."""
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    """Run one pass; wall time, process CPU time, per-clip figures, machine load."""
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
     clips = 0
     for batch in batches():
         clips += clips_of(batch)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     return {
         "clips": clips,
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),
         "clips_per_s": round(clips / wall, 2),
         "cpu_ms_per_clip": round(1000 * cpu / clips, 3),
+        "load_1min": round(os.getloadavg()[0], 2),
     }
 
 
 def ours_passes(cfg: DataConfig, batch: int, device: str) -> dict[str, Callable]:
-    """One training epoch / one eval pass of our loaders (after a warm-up epoch)."""
+    """Our loaders, built once (the trainer keeps them): a training epoch, an eval pass, and
+    the decode-only share of both."""
     train = TrainLoader(cfg, micro_batch=batch, rank=0, world_size=1, seed=0, device=device)
-    for _ in train.epoch_batches(0):  # warm-up: page cache, allocations
-        pass
+    evaluation = EvalLoader(cfg, micro_batch=batch, rank=0, world_size=1, device=device)
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
-    epochs = iter(range(1, 1_000_000))
+    epochs = iter(range(1_000_000))
 
     def train_pass():
         for b in train.epoch_batches(next(epochs)):
@@ -86,43 +102,98 @@ def ours_passes(cfg: DataConfig, batch: int, device: str) -> dict[str, Callable]
             yield b
 
     def eval_pass():
-        loader = EvalLoader(cfg, micro_batch=batch, rank=0, world_size=1, device=device)
-        for b in loader.batches():
+        for b in evaluation.batches():
             sync()
             yield b
 
-    return {"train": train_pass, "eval": eval_pass}
+    out = {"train": train_pass, "eval": eval_pass}
+    if device == "cpu":
+        out.update(decode_only_passes(cfg, batch, train, evaluation))
+    return out
 
 
-def reference_passes(cfg: DataConfig, batch: int) -> dict[str, Callable]:
-    """AST's dataset code in a torch DataLoader (in-process, so its CPU time is counted)."""
+def decode_only_passes(
+    cfg: DataConfig, batch: int, train: TrainLoader, evaluation: EvalLoader
+) -> dict[str, Callable]:
+    """Reads + checks + DALI decoding (primary and mixup partner) and nothing after: what a
+    GPU run leaves on the CPU, before the host-to-device copy."""
+    train_spec = dataclasses.replace(train.spec, decode_only=True)
+    eval_spec = dataclasses.replace(evaluation.spec, decode_only=True)
+    epochs = iter(range(1_000_000))
+    shards = evaluation.shards
+    plans: list = []
+    train_runner = DaliRunner(
+        spec=train_spec,
+        device="cpu",
+        batch_size=batch,
+        num_threads=cfg.num_threads,
+        prefetch=cfg.prefetch,
+        source=lambda: train.step_inputs(next(plans[-1])),
+    )
+    eval_runner = DaliRunner(
+        spec=eval_spec,
+        device="cpu",
+        batch_size=batch,
+        num_threads=cfg.num_threads,
+        prefetch=cfg.prefetch,
+        tar_paths=[shards.path(s) for s in shards.shards],
+        index_paths=[shards.index_path(s) for s in shards.shards],
+    )
+
+    def train_pass():
+        plans.append(train.sampler.plans(next(epochs)))
+        for _ in range(train.steps_per_epoch):
+            yield train_runner.run()[1]
+        if train_runner.at_epoch_end():
+            train_runner.rewind()
+
+    def eval_pass():
+        for _ in range(eval_runner.batches_per_epoch()):
+            yield eval_runner.run()[1]
+
+    return {"train_decode_only": train_pass, "eval_decode_only": eval_pass}
+
+
+def reference_passes(cfg: DataConfig, batch: int, workers: int) -> dict[str, Callable]:
+    """AST's dataset code in a torch DataLoader (workers' CPU time counted as children)."""
     out = {}
     for mode, train in (("train", True), ("eval", False)):
         dataset = ReferenceDataset(cfg.train, cfg, train=train)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch, shuffle=train, num_workers=0, drop_last=train
+            dataset, batch_size=batch, shuffle=train, num_workers=workers, drop_last=train
         )
         out[mode] = lambda loader=loader: loader
     return out
 
 
-def best_of(runs: list[dict]) -> dict:
-    """The least-disturbed run (lowest CPU time per clip), with every run's figure kept."""
-    best = min(runs, key=lambda r: r["cpu_ms_per_clip"])
-    return {**best, "cpu_ms_per_clip_all_runs": [r["cpu_ms_per_clip"] for r in runs]}
+def median_of(runs: list[dict]) -> dict:
+    """Median figures over the passes, every pass kept."""
+    keys = ("wall_s", "cpu_s", "clips_per_s", "cpu_ms_per_clip", "load_1min")
+    summary = {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
+    return {"clips": runs[0]["clips"], **summary, "runs": runs}
 
 
-def compare(cfg: DataConfig, batch: int, repeats: int, device: str) -> dict:
-    """Ours and the reference, interleaved run by run so both see the same machine load."""
-    ours, ref = ours_passes(cfg, batch, device), reference_passes(cfg, batch)
-    runs: dict[str, list] = {f"{who}_{mode}": [] for who in ("ours", "ref") for mode in ours}
-    clips_of_ours = {"train": lambda b: len(b.keys), "eval": lambda b: int(b.valid.sum())}
+def compare(cfg: DataConfig, batch: int, repeats: int, device: str, workers: int) -> dict:
+    """Ours and the reference, alternating pass by pass so both see the same machine load."""
+    ours = ours_passes(cfg, batch, device)
+    ref = reference_passes(cfg, batch, workers) if device == "cpu" else {}
+    clips_of = {
+        "train": lambda b: len(b.keys),
+        "eval": lambda b: int(b.valid.sum()),
+        "train_decode_only": len,
+        "eval_decode_only": len,
+        "ref": lambda b: len(b[0]),
+    }
+    passes = [(f"ours_{m}", fn, clips_of[m]) for m, fn in ours.items()]
+    passes += [(f"ref_{m}", fn, clips_of["ref"]) for m, fn in ref.items()]
+    for _, fn, count in passes:  # warm-up: builds, page cache, first-call allocations
+        measure(fn, count)
+    runs: dict[str, list] = {name: [] for name, _, _ in passes}
+    order = sorted(passes, key=lambda p: p[0].split("_")[1])  # train: ours, ref; eval: ...
     for _ in range(repeats):
-        for mode in ("train", "eval"):
-            runs[f"ours_{mode}"].append(measure(ours[mode], clips_of_ours[mode]))
-            if device == "cpu":
-                runs[f"ref_{mode}"].append(measure(ref[mode], lambda b: len(b[0])))
-    return {key: best_of(value) for key, value in runs.items() if value}
+        for name, fn, count in order:
+            runs[name].append(measure(fn, count))
+    return {name: median_of(value) for name, value in runs.items()}
 
 
 def gpu_parity(shards: Path, batch: int, threads: int) -> float:
@@ -140,70 +211,38 @@ def gpu_parity(shards: Path, batch: int, threads: int) -> float:
     return worst
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clips", type=int, default=96)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1, help="DALI CPU threads")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved runs; the best counts")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
-    args = p.parse_args()
-    torch.set_num_threads(1)  # the reference's intra-op threads: one, like a DataLoader worker
+def ratio(ours: dict, ref: dict) -> float:
+    return round(ours["cpu_ms_per_clip"] / ref["cpu_ms_per_clip"], 3)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        shards = make_shards(Path(tmp), args.clips)
-        print(f"made {args.clips} 10 s clips into shards in {time.perf_counter() - t0:.1f} s")
-        cfg = DataConfig(train=str(shards), eval=str(shards), num_threads=args.threads)
-        results: dict = {
-            "machine": {
-                "platform": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            },
-            "settings": {
-                "clips": args.clips,
-                "clip_s": 10.0,
-                "batch": args.batch,
-                "dali_threads": args.threads,
-                "target_length": cfg.target_length,
-                "mixup": cfg.mixup,
-                "freqm": cfg.freqm,
-                "timem": cfg.timem,
-            },
-        }
-        cpu = compare(cfg, args.batch, args.repeats, "cpu")
-        results["ours_cpu"] = {m: cpu[f"ours_{m}"] for m in ("train", "eval")}
-        results["reference_cpu"] = {m: cpu[f"ref_{m}"] for m in ("train", "eval")}
-        results["ratio_cpu_time"] = {
-            mode: round(
-                results["ours_cpu"][mode]["cpu_ms_per_clip"]
-                / results["reference_cpu"][mode]["cpu_ms_per_clip"],
-                3,
-            )
-            for mode in ("train", "eval")
-        }
-        if torch.cuda.is_available():
-            gpu = compare(cfg, args.batch, args.repeats, "gpu")
-            results["ours_gpu"] = {m: gpu[f"ours_{m}"] for m in ("train", "eval")}
-            results["ratio_cpu_time_gpu_vs_reference_cpu"] = {
-                mode: round(
-                    results["ours_gpu"][mode]["cpu_ms_per_clip"]
-                    / results["reference_cpu"][mode]["cpu_ms_per_clip"],
-                    3,
-                )
-                for mode in ("train", "eval")
-            }
-            results["gpu_parity_max_abs"] = gpu_parity(shards, args.batch, args.threads)
 
+def run_cpu(cfg: DataConfig, args: argparse.Namespace) -> dict:
+    """The CPU comparison: ours, ours decode-only, reference; ratios of the medians."""
+    cpu = compare(cfg, args.batch, args.repeats, "cpu", args.threads - 1)
+    ours = {m: cpu[f"ours_{m}"] for m in ("train", "eval")}
+    ref = {m: cpu[f"ref_{m}"] for m in ("train", "eval")}
+    decode_only = {m: cpu[f"ours_{m}_decode_only"] for m in ("train", "eval")}
+    return {
+        "ours_cpu": ours,
+        "reference_cpu": ref,
+        "ours_cpu_decode_only": decode_only,
+        "ratio_cpu_time": {m: ratio(ours[m], ref[m]) for m in ours},
+        # the CPU share of the GPU pipeline (reads + decode) / the reference's whole work
+        "ratio_cpu_time_decode_only": {m: ratio(decode_only[m], ref[m]) for m in ours},
+    }
+
+
+def report(results: dict) -> None:
     for mode in ("train", "eval"):
         ours, ref = results["ours_cpu"][mode], results["reference_cpu"][mode]
-        ratio = results["ratio_cpu_time"][mode]
+        dec = results["ours_cpu_decode_only"][mode]
         print(
-            f"{mode:5s} CPU ms/clip: ours {ours['cpu_ms_per_clip']:.2f}  reference "
-            f"{ref['cpu_ms_per_clip']:.2f}  ratio {ratio:.2f} (goal <= {GOAL})   clips/s: ours "
-            f"{ours['clips_per_s']:.1f}  reference {ref['clips_per_s']:.1f}"
+            f"{mode:5s} CPU ms/clip (median): ours {ours['cpu_ms_per_clip']:.2f}  reference "
+            f"{ref['cpu_ms_per_clip']:.2f}  ratio {results['ratio_cpu_time'][mode]:.2f} "
+            f"(goal <= {GOAL})  | clips/s: ours {ours['clips_per_s']:.1f}  reference "
+            f"{ref['clips_per_s']:.1f} | decode-only share {dec['cpu_ms_per_clip']:.2f} ms "
+            f"= {results['ratio_cpu_time_decode_only'][mode]:.2f} of the reference"
         )
+    print(f"load average during the passes (median): {results['ours_cpu']['train']['load_1min']}")
     if "ours_gpu" in results:
         for mode in ("train", "eval"):
             gpu = results["ours_gpu"][mode]
@@ -217,6 +256,63 @@ def main() -> None:
             f"eval {ratios['eval']:.2f}"
         )
         print(f"GPU parity: max |log-mel - kaldi| = {results['gpu_parity_max_abs']:.4f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clips", type=int, default=96)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="DALI CPU threads; the reference gets threads - 1 DataLoader workers",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="alternating passes; medians count")
+    p.add_argument("--shards", type=Path, help="reuse a shard set made by an earlier run")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # the reference's intra-op threads: one, like a DataLoader worker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            t0 = time.perf_counter()
+            shards = make_shards(Path(tmp), args.clips)
+            print(f"made {args.clips} 10 s clips into shards in {time.perf_counter() - t0:.1f} s")
+        cfg = DataConfig(train=str(shards), eval=str(shards), num_threads=args.threads)
+        results: dict = {
+            "machine": {
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+            },
+            "settings": {
+                "clips": ShardSet(str(shards)).num_samples,
+                "clip_s": 10.0,
+                "batch": args.batch,
+                "dali_threads": args.threads,
+                "reference_workers": args.threads - 1,
+                "repeats": args.repeats,
+                "target_length": cfg.target_length,
+                "mixup": cfg.mixup,
+                "freqm": cfg.freqm,
+                "timem": cfg.timem,
+            },
+        }
+        results.update(run_cpu(cfg, args))
+        if torch.cuda.is_available():
+            gpu = compare(cfg, args.batch, args.repeats, "gpu", args.threads - 1)
+            results["ours_gpu"] = {m: gpu[f"ours_{m}"] for m in ("train", "eval")}
+            results["ratio_cpu_time_gpu_vs_reference_cpu"] = {
+                m: ratio(results["ours_gpu"][m], results["reference_cpu"][m])
+                for m in ("train", "eval")
+            }
+            results["gpu_parity_max_abs"] = gpu_parity(shards, args.batch, args.threads)
+        results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    report(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

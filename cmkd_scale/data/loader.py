@@ -159,6 +159,8 @@ class TrainLoader:
             )
         self._silent = silent_flac()
         self.epoch, self.step = 0, 0  # position: the next batch epoch_batches would yield
+        self._runner: DaliRunner | None = None  # kept across epochs
+        self._plans: Iterator[StepPlan] = iter(())
 
     # ------------------------------------------------------------------ position
 
@@ -193,17 +195,17 @@ class TrainLoader:
     # ------------------------------------------------------------------ batches
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """Exactly ``steps_per_epoch - start_step`` batches of ``epoch`` for this rank."""
+        """Exactly ``steps_per_epoch - start_step`` batches of ``epoch`` for this rank.
+
+        The DALI pipeline is built once and kept across epochs (its source reads the current
+        epoch's plans); it is rebuilt after a pipeline error or when an epoch was left early
+        (then it may hold prefetched batches of the abandoned plans).
+        """
         step = start_step
         while step < self.steps_per_epoch:
-            runner = DaliRunner(
-                spec=self.spec,
-                device=self.device,
-                batch_size=self.sampler.micro_batch,
-                num_threads=self.cfg.num_threads,
-                prefetch=self.cfg.prefetch,
-                source=self._source(epoch, step),
-            )
+            self._plans = self.sampler.plans(epoch, step)
+            runner = self._train_runner()
+            finished = False
             try:
                 while step < self.steps_per_epoch:
                     try:
@@ -211,6 +213,7 @@ class TrainLoader:
                     except (DataError, StopIteration):
                         raise
                     except Exception as exc:  # DALI aborted: find the member, then rebuild
+                        self._close_runner()
                         self._after_pipeline_error(epoch, step, exc)
                         break
                     batch = self._batch(fbank, labels, pairs, [m[0] for m in mix])
@@ -218,9 +221,34 @@ class TrainLoader:
                     self.epoch, self.step = (
                         (epoch + 1, 0) if step == self.steps_per_epoch else (epoch, step)
                     )
+                    finished = step == self.steps_per_epoch
                     yield batch
             finally:
-                runner.close()
+                if finished and runner.at_epoch_end():
+                    runner.rewind()  # ready for the next epoch's plans
+                else:
+                    self._close_runner()
+
+    def _train_runner(self) -> DaliRunner:
+        if self._runner is None:
+            self._runner = DaliRunner(
+                spec=self.spec,
+                device=self.device,
+                batch_size=self.sampler.micro_batch,
+                num_threads=self.cfg.num_threads,
+                prefetch=self.cfg.prefetch,
+                source=self._next_inputs,
+            )
+        return self._runner
+
+    def _close_runner(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def _next_inputs(self) -> tuple[list[np.ndarray], ...]:
+        """The external_source callback: the next planned step's inputs."""
+        return self.step_inputs(next(self._plans))  # StopIteration ends the epoch for DALI
 
     def _batch(self, fbank: torch.Tensor, labels: torch.Tensor, pairs: list, lam: list) -> Batch:
         keys = self.shards.table.keys
@@ -236,17 +264,9 @@ class TrainLoader:
             lam=torch.tensor(np.asarray(lam, dtype=np.float32).reshape(-1)),
         )
 
-    def _source(self, epoch: int, start_step: int) -> Any:
-        """The external_source callback: one planned step's inputs per call."""
-        plans = self.sampler.plans(epoch, start_step)
-
-        def next_inputs() -> tuple[list[np.ndarray], ...]:
-            return self._inputs(next(plans))  # StopIteration ends the epoch for DALI
-
-        return next_inputs
-
-    def _inputs(self, plan: StepPlan) -> tuple[list[np.ndarray], ...]:
-        """Read, check and arrange one step's members as DALI's per-sample arrays."""
+    def step_inputs(self, plan: StepPlan) -> tuple[list[np.ndarray], ...]:
+        """Read, check and arrange one step's members as the pipeline source's per-sample
+        arrays (``pipeline.SAMPLED_OUTPUTS``)."""
         out: tuple[list[np.ndarray], ...] = tuple([] for _ in range(7))
         audio, partner_audio, mix, anchor, shape, labels, index = out
         for i, pos in enumerate(plan.position):
@@ -318,6 +338,7 @@ class TrainLoader:
             self._mark_bad(i, MemberError(shard, self.shards.table.keys[i], "does not decode"))
 
     def close(self) -> None:
+        self._close_runner()
         self.reader.close()
 
 
@@ -359,6 +380,7 @@ class EvalLoader:
         largest = math.ceil(self.num_samples / world_size)
         self.steps = math.ceil(largest / micro_batch)
         self.reader = MemberReader(self.shards)
+        self._runner: DaliRunner | None = None  # kept from one pass to the next
 
     def batches(self) -> Iterator[Batch]:
         """``steps`` batches; rows beyond this rank's part are padding (valid=False)."""
@@ -383,11 +405,41 @@ class EvalLoader:
                     yield self.shards.table.keys[i], np.asarray(feats, dtype=np.float32)
 
     def _reader_batches(self) -> Iterator[tuple[Any, torch.Tensor, np.ndarray, np.ndarray]]:
+        """The pass's batches. The reader pipeline is kept for the next pass (the trainer
+        evaluates every epoch): it sticks to this rank's shard and, after the last batch,
+        has already prefetched the next pass's first batches. A pass left early or failed
+        drops the pipeline (its position would be mid-pass)."""
         count = self.end - self.first
         real_steps = math.ceil(count / self.micro_batch)
-        runner = None
-        if real_steps:
-            runner = DaliRunner(
+        runner = self._eval_runner() if real_steps else None
+        # The reader pads every rank's part to the largest one: its epoch may end with
+        # batches of repeats (rows beyond this rank's part, valid=False); they are taken so
+        # that the next pass starts at the part's beginning.
+        reader_steps = runner.batches_per_epoch() if runner is not None else 0
+        progress = _Progress(f"eval rank {self.rank}", count)
+        finished = False
+        try:
+            for step in range(self.steps):
+                index = self.first + step * self.micro_batch + np.arange(self.micro_batch)
+                valid = index < self.end
+                if step < reader_steps:
+                    try:
+                        fbank, labels, (infos,) = runner.run()
+                    except Exception as exc:
+                        raise self._pinpoint(step, exc) from exc
+                    self._check_order(index, valid, infos)
+                else:  # this rank has fewer clips than the largest: an all-padding batch
+                    fbank, labels = self._padding()
+                progress.update(int(valid.sum()))
+                finished = step == self.steps - 1 and reader_steps <= self.steps
+                yield fbank, labels, index, valid
+        finally:
+            if not finished:
+                self._close_runner()
+
+    def _eval_runner(self) -> DaliRunner:
+        if self._runner is None:
+            self._runner = DaliRunner(
                 spec=self.spec,
                 device=self.device,
                 batch_size=self.micro_batch,
@@ -400,24 +452,12 @@ class EvalLoader:
                 shard_id=self.rank if self.world_size <= self.num_samples else self.first,
                 num_shards=min(self.world_size, self.num_samples),
             )
-        progress = _Progress(f"eval rank {self.rank}", count)
-        try:
-            for step in range(self.steps):
-                index = self.first + step * self.micro_batch + np.arange(self.micro_batch)
-                valid = index < self.end
-                if step < real_steps:
-                    try:
-                        fbank, labels, (infos,) = runner.run()
-                    except Exception as exc:
-                        raise self._pinpoint(step, exc) from exc
-                    self._check_order(index, valid, infos)
-                else:  # this rank has fewer clips than the largest: an all-padding batch
-                    fbank, labels = self._padding()
-                progress.update(int(valid.sum()))
-                yield fbank, labels, index, valid
-        finally:
-            if runner is not None:
-                runner.close()
+        return self._runner
+
+    def _close_runner(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
 
     def _padding(self) -> tuple[Any, torch.Tensor]:
         labels = torch.zeros(self.micro_batch, self.num_classes)
@@ -454,4 +494,5 @@ class EvalLoader:
         return DataError(f"the DALI eval pipeline failed at step {step}: {exc}")
 
     def close(self) -> None:
+        self._close_runner()
         self.reader.close()

@@ -37,7 +37,7 @@ PREEMPHASIS = 0.97
 LOG_FLOOR = math.log(float(np.finfo(np.float32).eps))  # Kaldi's log(max(x, eps))
 HANN = np.hanning(WINDOW).astype(np.float32).tolist()  # symmetric, as Kaldi's "hanning"
 
-# Layout of the arrays the training source feeds per sample (see ``sampled_inputs``).
+# Layout of the arrays the training source feeds per sample (see ``TrainLoader.step_inputs``).
 SAMPLED_OUTPUTS = ("audio", "partner", "mix", "erase_anchor", "erase_shape", "labels", "index")
 
 
@@ -51,52 +51,93 @@ class FeatureSpec:
     norm_mean: float = 0.0
     norm_std: float = 0.5
     augment: bool = False  # mixup + SpecAugment, parameters fed by the sampler
+    # Stop after decoding (benchmarks: the CPU share of the GPU pipeline); run() then hands
+    # out no features, only labels and extras.
+    decode_only: bool = False
 
 
-def kaldi_fbank(wave, length, num_mel_bins: int):
-    """Kaldi fbank of a 1-D float wave; ``length`` is its sample count (a CPU node)."""
-    frames_count = (length - WINDOW) // HOP + 1  # snip_edges: T = 1 + (N - 400) // 160
-    rows_total = (frames_count + 2) * HOP  # never beyond the wave except unused tail
-    padded = fn.slice(wave, start=[0], shape=rows_total, axes=[0], out_of_bounds_policy="pad")
-    rows = fn.reshape(padded, shape=[-1, HOP])
-    frames = fn.cat(rows[:-2], rows[1:-1], rows[2:, : WINDOW - 2 * HOP], axis=1)
-    frames = frames - fn.reductions.mean(frames, axes=[1], keep_dims=True)
-    emphasised = fn.cat(
-        frames[:, 0:1] * (1.0 - PREEMPHASIS),
-        frames[:, 1:] - PREEMPHASIS * frames[:, :-1],
-        axis=1,
+def kaldi_fbank(wave, length, num_mel_bins: int, *, scale: float = 1.0, shift: float = 0.0):
+    """``scale * log-mel + shift`` per Kaldi (``[frames, num_mel_bins]``) of a 1-D float wave.
+
+    ``length`` is the wave's sample count (a CPU node). Kaldi's per-frame DC removal followed
+    by its in-frame pre-emphasis equals the whole wave pre-emphasised once minus
+    ``(1 - 0.97) * frame mean`` in every frame (the first sample of a frame differs, but the
+    symmetric Hann window weighs it 0). Frames overlap (400 every 160), so no single signal
+    carries every frame's own offset; every third frame does not overlap the next one though:
+    frames t = 3k + phase start at 160 * phase + 480 k and end 80 samples before the next. Per
+    phase the emphasised wave is cut from 160 * phase into rows of 480, the row's frame offset
+    subtracted (broadcast), and ``fn.spectrogram`` reads 400 of every 480 samples. The three
+    phases' mel frames are interleaved back into time order. Frame means come from sums of
+    half rows (80 samples; a frame is 5 of them). This costs three contiguous copies of the
+    wave instead of materialising ``[T, 400]`` overlapping frames.
+    """
+    frames = (length - WINDOW) // HOP + 1  # snip_edges: T = 1 + (N - 400) // 160
+    per_phase = (frames + 2) // 3  # K frames per phase; the last may lie beyond T (dropped)
+    emphasised = fn.preemphasis_filter(wave, preemph_coeff=PREEMPHASIS)
+    halves = fn.slice(
+        wave, start=[0], shape=(frames + 2) * HOP, axes=[0], out_of_bounds_policy="pad"
     )
-    spectrum = fn.spectrogram(
-        fn.reshape(emphasised, shape=[-1]),
-        nfft=NFFT,
-        window_length=WINDOW,
-        window_step=WINDOW,
-        window_fn=HANN,
-        center_windows=False,
-        power=2,
-        layout="tf",
+    halves = fn.reductions.sum(fn.reshape(halves, shape=[-1, 2, HOP // 2]), axes=[2])  # [T+2, 2]
+    rows = fn.reductions.sum(halves, axes=[1])  # [T+2] sums of 160-sample rows
+    offset = (rows[:-2] + rows[1:-1] + halves[2:, 0]) * ((1.0 - PREEMPHASIS) / WINDOW)
+    offset = fn.slice(offset, start=[0], shape=3 * per_phase, axes=[0], out_of_bounds_policy="pad")
+    offset = fn.reshape(offset, shape=[-1, 3])  # [K, 3]: frame 3k + phase at [k, phase]
+    mels = []
+    for phase in range(3):
+        chunk = fn.slice(
+            emphasised,
+            start=[phase * HOP],
+            shape=3 * HOP * per_phase,
+            axes=[0],
+            out_of_bounds_policy="pad",
+        )
+        chunk = fn.reshape(chunk, shape=[-1, 3 * HOP]) - offset[:, phase : phase + 1]
+        spectrum = fn.spectrogram(
+            fn.reshape(chunk, shape=[-1]),
+            nfft=NFFT,
+            window_length=WINDOW,
+            window_step=3 * HOP,
+            window_fn=HANN,
+            center_windows=False,
+            power=2,
+            layout="tf",
+        )
+        mels.append(
+            fn.mel_filter_bank(
+                spectrum,
+                nfilter=num_mel_bins,
+                sample_rate=SAMPLE_RATE,
+                freq_low=20.0,
+                freq_high=SAMPLE_RATE / 2,
+                mel_formula="htk",
+                normalize=False,
+            )
+        )
+    mel = fn.reshape(fn.stack(*mels, axis=1), shape=[-1, num_mel_bins])  # [3K, bins]
+    mel = fn.slice(mel, start=[0], shape=frames, axes=[0])
+    # scale * ln(max(x, eps)) + shift = M log10(max(x / r, eps / r)), M = scale ln 10,
+    # r = exp(-shift / scale)
+    multiplier = scale * math.log(10.0)
+    reference = math.exp(-shift / scale)
+    return fn.to_decibels(
+        mel,
+        multiplier=multiplier,
+        reference=reference,
+        cutoff_db=multiplier * math.log10(float(np.finfo(np.float32).eps) / reference),
     )
-    mel = fn.mel_filter_bank(
-        spectrum,
-        nfilter=num_mel_bins,
-        sample_rate=SAMPLE_RATE,
-        freq_low=20.0,
-        freq_high=SAMPLE_RATE / 2,
-        mel_formula="htk",
-        normalize=False,
-    )
-    return fn.to_decibels(mel, multiplier=math.log(10.0), reference=1.0, cutoff_db=LOG_FLOOR)
 
 
 def ast_mixup(wave, length, partner, mix):
-    """AST's waveform mixup: both mean-removed, partner zero-padded/cut, remixed, re-centred."""
-    lam, mixed = mix[0], mix[1]
-    wave = wave - fn.reductions.mean(wave)
+    """AST's waveform mixup up to a constant: partner mean-removed, zero-padded/cut, blended.
+
+    AST also removes the primary clip's mean and the blend's mean; a constant offset of the
+    whole wave does not change Kaldi's fbank (every frame's mean is removed), so those two
+    passes are left out. The partner's mean must go before its zero padding.
+    """
+    lam = mix[0]
     partner = partner - fn.reductions.mean(partner)
     partner = fn.slice(partner, start=[0], shape=length, axes=[0], out_of_bounds_policy="pad")
-    blend = lam * wave + (1.0 - lam) * partner
-    # AST re-centres only mixed clips; unmixed ones (lam = 1, silent partner) stay as they are.
-    return blend - mixed * fn.reductions.mean(blend)
+    return lam * wave + (1.0 - lam) * partner
 
 
 def _decode(encoded):
@@ -136,11 +177,14 @@ def audio_pipeline(
             shard_id=shard_id,
             num_shards=num_shards,
             pad_last_batch=True,
+            stick_to_shard=True,  # a kept pipeline reads the same part again next pass
             random_shuffle=False,
             name="reader",
         )
         extra = (labels, fn.get_property(audio, key="source_info"))
     wave = _decode(audio)
+    if spec.decode_only:
+        return (wave, *extra, *([_decode(partner)] if spec.augment else []))
     # [N] as an int32 CPU node: slice shapes are (CPU) argument inputs of that type.
     length = fn.cast(wave.shape(), dtype=types.INT32)
     if device == "gpu":
@@ -150,17 +194,24 @@ def audio_pipeline(
         if device == "gpu":
             other, mix = other.gpu(), mix.gpu()
         wave = ast_mixup(wave, length, other, mix)
-    else:
-        wave = wave - fn.reductions.mean(wave)
-    fbank = kaldi_fbank(wave, length, spec.num_mel_bins)
+    # AST removes the clip mean first; Kaldi's per-frame DC removal makes that a no-op.
+    # Normalisation (x - mean) / (2 std) is folded into the log; padding rows and masks get
+    # the normalised value of a raw 0 (AST pads with zeros and masks with zeros pre-norm).
+    scale, shift = 1.0, 0.0
+    if spec.normalize:
+        scale, shift = 1.0 / (2.0 * spec.norm_std), -spec.norm_mean / (2.0 * spec.norm_std)
+    fbank = kaldi_fbank(wave, length, spec.num_mel_bins, scale=scale, shift=shift)
     if spec.target_length is not None:  # AST: zero rows appended (raw log-mel 0) / crop
         fbank = fn.slice(
-            fbank, start=[0], shape=[spec.target_length], axes=[0], out_of_bounds_policy="pad"
+            fbank,
+            start=[0],
+            shape=[spec.target_length],
+            axes=[0],
+            out_of_bounds_policy="pad",
+            fill_values=shift,
         )
     if spec.augment:  # frequency mask then time mask, zero-filled before normalising
-        fbank = fn.erase(fbank, anchor=anchor, shape=shape, axes=[0, 1], fill_value=0.0)
-    if spec.normalize:
-        fbank = (fbank - spec.norm_mean) / (2.0 * spec.norm_std)
+        fbank = fn.erase(fbank, anchor=anchor, shape=shape, axes=[0, 1], fill_value=shift)
     return (fbank, *extra)
 
 
@@ -197,6 +248,7 @@ class DaliRunner:
             raise RuntimeError("device 'gpu' asked for but torch sees no CUDA GPU: use 'cpu'")
         self.device = device
         self.spec = spec
+        self.batch_size = batch_size
         self.pipe: Pipeline = audio_pipeline(
             spec=spec,
             device=device,
@@ -209,7 +261,7 @@ class DaliRunner:
             num_threads=num_threads,
             device_id=torch.cuda.current_device() if device == "gpu" else None,
             prefetch_queue_depth=prefetch,
-            exec_dynamic=True,
+            exec_dynamic=False,
         )
         self.pipe.build()
 
@@ -218,6 +270,13 @@ class DaliRunner:
         meta = self.pipe.reader_meta("reader")
         return int(meta["epoch_size"])
 
+    def batches_per_epoch(self) -> int:
+        """Batches of the reader's epoch on this shard: every shard is padded to the largest
+        one (``pad_last_batch``), so a shard may end with batches of its last sample."""
+        meta = self.pipe.reader_meta("reader")
+        per_shard = math.ceil(meta["epoch_size_padded"] / meta["number_of_shards"])
+        return math.ceil(per_shard / self.batch_size)
+
     def run(self) -> tuple[torch.Tensor | list[np.ndarray], torch.Tensor, list[list[np.ndarray]]]:
         """One batch: features (a tensor, or per-sample arrays if not padded), labels, extras.
 
@@ -225,12 +284,22 @@ class DaliRunner:
         ([lambda, mixed]); the reader gives ``source_info`` (``path:offset:member``, uint8).
         """
         fbank, labels, *extras = self.pipe.run()
+        if self.spec.decode_only:
+            return [], _to_torch(labels, "cpu"), []
         if self.spec.target_length is None:
             feats: torch.Tensor | list[np.ndarray] = [np.array(t) for t in _to_cpu(fbank)]
         else:
             feats = _to_torch(fbank, self.device)
         arrays = [[np.array(t) for t in extra] for extra in extras]
         return feats, _to_torch(labels, "cpu"), arrays
+
+    def at_epoch_end(self) -> bool:
+        """No batch is scheduled that was not handed out (the runner can start a new epoch)."""
+        return self.pipe.empty()
+
+    def rewind(self) -> None:
+        """After the source signalled its end (StopIteration), accept a new epoch."""
+        self.pipe.reset()
 
     def close(self) -> None:
         del self.pipe
