@@ -11,7 +11,8 @@ DALI through ``fn.external_source``. Everything is a pure function of
 samples and augmentation, and the teacher sees the very batch the student sees.
 
 Random numbers come from keyed generators: each draw's generator is built from a key such as
-(seed, epoch, position), never from state carried between steps, so any step can be planned
+(seed, epoch, position) (per-sample draws: a Philox stream keyed by (seed, epoch, purpose) at
+counter = position), never from state carried between steps, so any step can be planned
 without replaying the steps before it.
 
 Shuffling (``balanced=False``): every epoch the shard order is permuted, the samples are laid
@@ -33,6 +34,7 @@ with replacement in proportion to the weights, from its own stream keyed by
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +50,19 @@ _SHARD_ORDER, _WINDOW_SHUFFLE, _BALANCED, _AUGMENT, _REPLACE = 11, 12, 13, 14, 1
 def keyed_rng(*key: int) -> np.random.Generator:
     """A counter-based generator (Philox) fully determined by the integer key."""
     return np.random.Generator(np.random.Philox(np.random.SeedSequence([int(k) for k in key])))
+
+
+@functools.lru_cache(maxsize=64)
+def _philox_key(*key: int) -> np.ndarray:
+    return np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)
+
+
+def position_rng(position: int, *key: int) -> np.random.Generator:
+    """The generator of one sample position within the stream ``key``: Philox keyed by the
+    hashed stream key, its counter starting at the position (word 1, so no two positions'
+    draws overlap). Cheaper per sample than hashing (key, position) into a new seed."""
+    counter = np.array([0, int(position), 0, 0], dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=_philox_key(*key), counter=counter))
 
 
 def mask_params(u_width: float, u_start: float, max_width: int, size: int) -> tuple[int, int]:
@@ -178,7 +193,7 @@ class TrainSampler:
         aug = self.augment
         for i, pos in enumerate(position):
             # Fixed draw order per sample, whatever the settings: keys stay comparable.
-            rng = keyed_rng(self.seed, epoch, _AUGMENT, pos)
+            rng = position_rng(pos, self.seed, epoch, _AUGMENT)
             u_mix, u_partner, u_fw, u_fs, u_tw, u_ts = rng.random(6)
             beta = rng.beta(aug.mixup_alpha, aug.mixup_alpha) if aug.mixup_alpha > 0 else 1.0
             if u_mix < aug.mixup:  # AST: the partner is uniform over the set, not balanced
