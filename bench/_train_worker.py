@@ -279,7 +279,7 @@ def probe(trainer: Trainer, micro_batch: int, mem_cap_gib: float) -> dict[str, A
             )
             trainer._micro_step(batch)
     except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
-        if not _is_oom(exc):
+        if not _is_oom(exc, capped=device.type == "cpu" and mem_cap_gib > 0):
             raise
         return {"micro_batch": micro_batch, "fits": False, "error": str(exc).splitlines()[0]}
     return {"micro_batch": micro_batch, "fits": True, "memory": memory_now(device)}
@@ -293,11 +293,16 @@ def _address_space() -> int:
     raise RuntimeError("no VmSize in /proc/self/status: the CPU memory cap needs Linux")
 
 
-def _is_oom(exc: BaseException) -> bool:
+def _is_oom(exc: BaseException, *, capped: bool) -> bool:
+    """An out-of-memory failure (under a CPU cap, oneDNN reports its failed allocations as
+    'could not create a primitive')."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
-    return any(s in text for s in ("out of memory", "not enough memory", "can't allocate"))
+    signs = ["out of memory", "not enough memory", "can't allocate"]
+    if capped:
+        signs.append("could not create a primitive")
+    return any(s in text for s in signs)
 
 
 def main() -> None:

@@ -117,5 +117,6 @@ def test_bench_train_cnn_student_zero3(tmp_path: Path) -> None:
     search = stage["micro_batch_search"]
     assert (search["largest_fitting"], search["first_failing"]) == (0, 1)
     assert [p["micro_batch"] for p in search["probes"]] == [2, 1]
-    assert all("can't allocate memory" in p["error"] for p in search["probes"])
+    for probe in search["probes"]:  # the allocator's or oneDNN's failed allocation
+        assert "can't allocate memory" in probe["error"] or "create a primitive" in probe["error"]
     assert "kd_cnn ZeRO-3:" in proc.stdout and "teacher overhead" in proc.stdout
