@@ -169,6 +169,7 @@ class DeepSpeedConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    teacher: bool = True  # also evaluate the frozen teacher (once) and log it beside the student
     wa_start_epoch: int = 0  # weight averaging range (1-based, inclusive); 0 = off
     wa_end_epoch: int = 0
 

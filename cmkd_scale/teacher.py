@@ -64,17 +64,24 @@ def build_teacher(
     """The frozen teacher from ``cfg.teacher`` (None when ``arch: none``)."""
     if cfg.arch == "none":
         return None
-    from cmkd_scale.models import build_model, load_pretrained
+    from cmkd_scale.models import build_model
+    from cmkd_scale.models.load import load_checkpoint_object, read_checkpoint
 
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
     fields["name"] = cfg.name.removeprefix(RANDOM_PREFIX)
+    raw = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    if isinstance(raw, dict) and isinstance(raw.get("config"), dict) and "model" in raw:
+        # Our export carries its architecture: the teacher is built exactly as it was trained.
+        exported = raw["config"].get("model", {})
+        fields.update({k: v for k, v in exported.items() if k in fields and k != "checkpoint"})
+        log.info("teacher architecture from its export: %s %s", fields["arch"], fields["name"])
     model_cfg = ModelConfig(**fields)
     model = build_model(
         model_cfg, num_classes=num_classes, input_tdim=input_tdim, input_fdim=input_fdim
     )
-    if cfg.checkpoint:
-        load_pretrained(model, cfg.checkpoint, strict=True)
-        log.info("teacher %s loaded from %s", cfg.name, cfg.checkpoint)
+    if raw is not None:
+        load_checkpoint_object(model, raw, source=cfg.checkpoint, strict=True)
+        log.info("teacher %s loaded from %s", model_cfg.name, cfg.checkpoint)
     else:
         log.warning("teacher %s has RANDOM weights (tests only: %s)", cfg.name, RANDOM_PREFIX)
     dtype = teacher_dtype(cfg, device)
