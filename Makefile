@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cmkd_scale.demo
+	$(PY) -m cmkd_scale.demo $(DEMO_ARGS)
 
 system-deps:
 	bash scripts/install_system_deps.sh
