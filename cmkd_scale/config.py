@@ -65,6 +65,8 @@ class DataConfig:
     mixup: float = 0.5  # probability that a training clip is mixed with another
     mixup_alpha: float = 10.0  # lambda ~ Beta(alpha, alpha)
     balanced: bool = False  # draw with replacement by AST's per-clip weights
+    # training shuffle window in samples: each epoch permutes the shards, then shuffles within
+    # windows of this size (reads stay within a few shards); 0 = a full per-epoch permutation
     shuffle_buffer: int = 1000
     num_threads: int = 4
     prefetch: int = 2
