@@ -30,8 +30,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from cmkd_scale import dist, engine
 from cmkd_scale.checkpoint import (
     CheckpointManager,
     TrainerState,
+    capture_rng,
     copy_export,
     epoch_tag,
     step_tag,
@@ -48,6 +47,8 @@ from cmkd_scale.checkpoint import (
 from cmkd_scale.config import Config, load_config
 from cmkd_scale.dist import EXIT_REQUEUE
 from cmkd_scale.logs import setup_logging
+from cmkd_scale.train_eval import TrainEvaluator
+from cmkd_scale.train_metrics import JsonlLog, StepMeter, StepReporter
 
 log = logging.getLogger(__name__)
 
@@ -69,40 +70,6 @@ def _set_cpu_threads(device: torch.device) -> None:
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf (and run.nonfinite_loss says stop, or the skip budget is spent)."""
-
-
-class JsonlLog:
-    """Rank 0's local record of metrics (``metrics.jsonl``); a no-op elsewhere."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-
-@dataclass
-class StepMeter:
-    """Accumulates one optimizer step's micro-batches for the per-step metrics."""
-
-    start: float = 0.0
-    micro: int = 0
-    loss: float = 0.0
-    label_loss: float = 0.0
-    kd_loss: float = 0.0
-    data_wait: float = 0.0
-    teacher_ms: float = 0.0
-    lr: float = 0.0
-
-    def add(self, losses: torch.Tensor, data_wait: float, teacher_ms: float) -> None:
-        self.micro += 1
-        self.loss += float(losses[0])
-        self.label_loss += float(losses[1])
-        self.kd_loss += float(losses[2])
-        self.data_wait += data_wait
-        self.teacher_ms += teacher_ms
 
 
 class Trainer:
@@ -218,13 +185,29 @@ class Trainer:
         self._write_run_files(ds_json)
         self.tracker = self._make_tracker()
         self.metrics_log = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
+        self.reporter = StepReporter(
+            tracker=self.tracker,
+            jsonl=self.metrics_log,
+            micro_batch=ds.micro_batch,
+            world_size=self.env.world_size,
+            total_steps=self.total_steps,
+            device=self.device,
+        )
         self.samples_log = (
             self.run_dir / "samples" / f"rank{self.env.rank}.jsonl"
             if cfg.run.record_samples
             else None
         )
+        self.evaluator = TrainEvaluator(
+            self.eval_loader,
+            device=self.device,
+            out_dir=self.run_dir / "eval",
+            class_names=self.class_names,
+            is_main=self.is_main,
+            tracker=self.tracker,
+            record=self.metrics_log.write,
+        )
         self._last_saved_step = self.state.global_step if latest else -1
-        self._teacher_result: Any = None
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -292,7 +275,7 @@ class Trainer:
             f"resumed from {self.resumed_from}" if self.resumed_from else "fresh start",
         )
         self._heal_epoch_export()
-        self.t_start, self.step_at_start = time.perf_counter(), state.global_step
+        self.reporter.start(state.global_step)
         while state.epoch <= cfg.run.epochs and state.global_step < self.total_steps:
             outcome = self._train_epoch()
             if outcome == "stop":
@@ -418,7 +401,8 @@ class Trainer:
         state, cfg = self.state, self.cfg
         step = state.global_step
         if step % cfg.run.log_every_steps == 0 or step == 1 or step == self.total_steps:
-            self._log_step(meter)
+            grad_norm = engine.global_grad_norm(self.engine)
+            self.reporter.report(meter, step=step, epoch=state.epoch, grad_norm=grad_norm)
         if cfg.run.eval_every_steps and step % cfg.run.eval_every_steps == 0:
             name = step_tag(step)
             if self._evaluate(name):
@@ -427,114 +411,26 @@ class Trainer:
         if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
             self._save(step_tag(step))
 
-    def _log_step(self, meter: StepMeter) -> None:
-        state, cfg = self.state, self.cfg
-        elapsed = time.perf_counter() - meter.start
-        micro = max(meter.micro, 1)
-        clips = meter.micro * cfg.deepspeed.micro_batch * self.env.world_size
-        metrics = {
-            "loss": meter.loss / micro,
-            "label_loss": meter.label_loss / micro,
-            "kd_loss": meter.kd_loss / micro,
-            "lr": meter.lr,
-            "grad_norm": engine.global_grad_norm(self.engine),
-            "clips_per_s": clips / elapsed if elapsed > 0 else 0.0,
-            "data_wait_frac": meter.data_wait / elapsed if elapsed > 0 else 0.0,
-            "teacher_ms": meter.teacher_ms / micro,
-            "epoch": state.epoch,
-        }
-        if self.device.type == "cuda":
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.tracker.log_metrics(metrics, state.global_step)
-        self.metrics_log.write({"step": state.global_step, **metrics})
-        done = state.global_step - self.step_at_start
-        per_step = (time.perf_counter() - self.t_start) / max(done, 1)
-        eta = timedelta(seconds=round(per_step * (self.total_steps - state.global_step)))
-        log.info(
-            "epoch %d step %d/%d loss %.4f (label %.4f kd %.4f) lr %.2e %.1f clips/s "
-            "data %.0f%% teacher %.1f ms ETA %s",
-            state.epoch,
-            state.global_step,
-            self.total_steps,
-            metrics["loss"],
-            metrics["label_loss"],
-            metrics["kd_loss"],
-            metrics["lr"],
-            metrics["clips_per_s"],
-            100 * metrics["data_wait_frac"],
-            metrics["teacher_ms"],
-            eta,
-        )
-
     # ------------------------------------------------------------------ eval / save
 
     def _evaluate(self, name: str) -> bool:
-        """Evaluate the student on every rank; True when mAP is a new best."""
-        from cmkd_scale.evaluate import evaluate, save_result
-
+        """Evaluate the student (the teacher beside it); True when its mAP is a new best."""
         state = self.state
-        self.engine.eval()
-
-        def forward(fbank: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.engine(fbank.to(self.dtype)).float())
-
-        result = evaluate(forward, self.eval_loader, device=self.device)
-        self.engine.train()
-        summary = result.summary
-        if self.is_main:
-            save_result(result, self.run_dir / "eval", name, self.class_names)
-            self.tracker.log_eval(
-                result, step=state.global_step, epoch=state.epoch, class_names=self.class_names
-            )
-        self.metrics_log.write({"step": state.global_step, "eval": name, **summary})
-        log.info(
-            "eval %s: mAP %.4f mAUC %.4f d' %.3f",
-            name,
-            summary["mAP"],
-            summary["mAUC"],
-            summary["dprime"],
+        summary = self.evaluator.student(
+            self.engine, self.dtype, name, step=state.global_step, epoch=state.epoch
         )
         if self.teacher is not None and self.cfg.eval.teacher:
-            self._log_teacher_eval()
+            self.evaluator.teacher(self.teacher, step=state.global_step, epoch=state.epoch)
         improved = summary["mAP"] > state.best_map
         if improved:
             state.best_map, state.best_tag = summary["mAP"], name
         return improved
-
-    def _log_teacher_eval(self) -> None:
-        """The frozen teacher's eval, computed once, logged beside every student eval."""
-        from cmkd_scale.evaluate import evaluate, save_result
-
-        assert self.teacher is not None
-        if self._teacher_result is None:
-            teacher = self.teacher
-
-            def forward(fbank: torch.Tensor) -> torch.Tensor:
-                return torch.sigmoid(teacher(fbank))
-
-            self._teacher_result = evaluate(forward, self.eval_loader, device=self.device)
-            summary = self._teacher_result.summary
-            log.info("teacher eval: mAP %.4f mAUC %.4f", summary["mAP"], summary["mAUC"])
-            if self.is_main:
-                eval_dir = self.run_dir / "eval"
-                save_result(self._teacher_result, eval_dir, "teacher", self.class_names)
-        if self.is_main:
-            self.tracker.log_eval(
-                self._teacher_result,
-                step=self.state.global_step,
-                epoch=self.state.epoch,
-                class_names=self.class_names,
-                prefix="teacher",
-            )
 
     def _save(self, tag: str) -> None:
         """Checkpoint ``tag`` on every rank (skipped when this step is already saved)."""
         if self._last_saved_step == self.state.global_step and tag.startswith("step-"):
             return
         self.state.loader = self.train_loader.state_dict()
-        from cmkd_scale.checkpoint import capture_rng
-
         self.state.rng = capture_rng()
         self.ckpt.save(self.engine, tag, self.state)
         self._last_saved_step = self.state.global_step

@@ -1,0 +1,94 @@
+"""Evaluation during training: the student at epoch ends / every N steps, the teacher once.
+
+Every evaluation runs on all ranks (a ZeRO-3 forward needs every rank), gathers the
+predictions to rank 0 once (:func:`cmkd_scale.evaluate.evaluate`), where they are written as
+``eval/<name>_{predictions.npz,class_ap.csv,summary.json}`` and logged to the tracker; every
+rank gets the summary back, so all of them take the same best-model decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmkd_scale.evaluate import EvalResult, evaluate, save_result
+
+log = logging.getLogger(__name__)
+
+Record = Callable[[dict[str, Any]], None]  # rank 0's metrics.jsonl writer (no-op elsewhere)
+
+
+class TrainEvaluator:
+    """Scores the student during training and the frozen teacher once, on the eval set."""
+
+    def __init__(
+        self,
+        loader: Any,
+        *,
+        device: torch.device,
+        out_dir: Path,
+        class_names: Sequence[str],
+        is_main: bool,
+        tracker: Any,
+        record: Record,
+    ) -> None:
+        self.loader = loader
+        self.device = device
+        self.out_dir = out_dir
+        self.class_names = list(class_names)
+        self.is_main = is_main
+        self.tracker = tracker
+        self.record = record
+        self._teacher_result: EvalResult | None = None
+
+    def student(
+        self, model: Any, dtype: torch.dtype, name: str, *, step: int, epoch: int
+    ) -> dict[str, float]:
+        """Evaluate ``model`` (the DeepSpeed engine) as ``name``; its summary on every rank."""
+        model.eval()
+
+        def forward(fbank: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(model(fbank.to(dtype)).float())
+
+        try:
+            result = evaluate(forward, self.loader, device=self.device)
+        finally:
+            model.train()
+        summary = result.summary
+        if self.is_main:
+            save_result(result, self.out_dir, name, self.class_names)
+            self.tracker.log_eval(result, step=step, epoch=epoch, class_names=self.class_names)
+        self.record({"step": step, "eval": name, **summary})
+        log.info(
+            "eval %s: mAP %.4f mAUC %.4f d' %.3f",
+            name,
+            summary["mAP"],
+            summary["mAUC"],
+            summary["dprime"],
+        )
+        return summary
+
+    def teacher(self, teacher: torch.nn.Module, *, step: int, epoch: int) -> None:
+        """The frozen teacher's eval, computed once, logged beside every student eval."""
+        if self._teacher_result is None:
+
+            def forward(fbank: torch.Tensor) -> torch.Tensor:
+                return torch.sigmoid(teacher(fbank))
+
+            self._teacher_result = evaluate(forward, self.loader, device=self.device)
+            summary = self._teacher_result.summary
+            log.info("teacher eval: mAP %.4f mAUC %.4f", summary["mAP"], summary["mAUC"])
+            if self.is_main:
+                save_result(self._teacher_result, self.out_dir, "teacher", self.class_names)
+        if self.is_main:
+            self.tracker.log_eval(
+                self._teacher_result,
+                step=step,
+                epoch=epoch,
+                class_names=self.class_names,
+                prefix="teacher",
+            )
