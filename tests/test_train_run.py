@@ -369,7 +369,10 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(zero2_preempted: dict) -> Non
     assert zero2_preempted["first_codes"] == [EXIT_REQUEUE, EXIT_REQUEUE]
     stopped = zero2_preempted["steps_before_resume"]
     assert 3 <= stopped < 7, "the signal should stop the run mid-way"
-    assert zero2_preempted["latest_after_signal"] == f"step-{stopped:06d}"
+    # the checkpoint holds every step taken: a step checkpoint, or, when the stop is agreed
+    # after the epoch-end work at the boundary (4 steps/epoch on 2 ranks), the epoch one
+    expected = {f"step-{stopped:06d}"} | ({"epoch-001"} if stopped == 4 else set())
+    assert zero2_preempted["latest_after_signal"] in expected
     assert zero2_preempted["second_codes"] == [0, 0]
 
 
