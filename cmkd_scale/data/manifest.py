@@ -7,6 +7,7 @@ inside its tar, which is what lets the training loader read single samples by ra
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -118,7 +119,7 @@ class ShardSet:
         self.missing_shards = [s["name"] for s in self.shards if not self.fs.exists(self.path(s))]
         self._table: SampleTable | None = None
 
-    @property
+    @functools.cached_property
     def is_local(self) -> bool:
         """True when DALI's own file readers can open the shards (a local filesystem)."""
         return "file" in np.atleast_1d(self.fs.protocol)

@@ -261,7 +261,9 @@ class DaliRunner:
             num_threads=num_threads,
             device_id=torch.cuda.current_device() if device == "gpu" else None,
             prefetch_queue_depth=prefetch,
-            exec_dynamic=False,
+            # the dynamic executor hands out outputs it never recycles: the CPU path wraps
+            # them in torch tensors without a copy (``_to_torch``)
+            exec_dynamic=True,
         )
         self.pipe.build()
 
@@ -310,17 +312,16 @@ def _to_cpu(tensor_list):
 
 
 def _to_torch(tensor_list, device: str) -> torch.Tensor:
-    """Copy a dense DALI batch into a new torch tensor on ``device``."""
+    """A dense DALI batch as a torch tensor on ``device``: shared on the CPU (DLPack; the
+    dynamic executor does not reuse output buffers), copied on the GPU on torch's stream."""
     dense = tensor_list.as_tensor()
+    if device != "gpu":
+        return torch.from_dlpack(dense)
     dtype = {
         types.FLOAT: torch.float32,
         types.INT64: torch.int64,
         types.UINT8: torch.uint8,
     }[dense.dtype]
-    if device == "gpu":
-        out = torch.empty(dense.shape(), dtype=dtype, device=torch.cuda.current_device())
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
-    else:
-        out = torch.empty(dense.shape(), dtype=dtype)
-        feed_ndarray(dense, out)
+    out = torch.empty(dense.shape(), dtype=dtype, device=torch.cuda.current_device())
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
     return out
