@@ -44,7 +44,7 @@ from cmkd_scale.checkpoint import (
     epoch_tag,
     step_tag,
 )
-from cmkd_scale.config import Config, load_config
+from cmkd_scale.config import Config, ConfigError, load_config
 from cmkd_scale.dist import EXIT_REQUEUE
 from cmkd_scale.logs import setup_logging
 from cmkd_scale.train_eval import TrainEvaluator
@@ -68,6 +68,18 @@ def _set_cpu_threads(device: torch.device) -> None:
     torch.set_num_threads(max(1, (cores or 1) // max(1, local_world)))
 
 
+def check_supported(cfg: Config) -> None:
+    """Refuse combinations of settings that the training loop cannot honour."""
+    if cfg.run.nonfinite_loss == "skip" and cfg.deepspeed.grad_accum > 1:
+        # DeepSpeed counts micro-batches itself: one left out of backward/step moves every
+        # later accumulation boundary, and an epoch would end inside an optimizer step.
+        raise ConfigError(
+            "config keys 'run.nonfinite_loss' and 'deepspeed.grad_accum': skipping non-finite "
+            f"batches needs grad_accum=1, got {cfg.deepspeed.grad_accum}; set "
+            "run.nonfinite_loss=stop, or deepspeed.grad_accum=1 with a larger micro_batch"
+        )
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf (and run.nonfinite_loss says stop, or the skip budget is spent)."""
 
@@ -81,6 +93,7 @@ class Trainer:
         from cmkd_scale.models import build_model, load_pretrained
         from cmkd_scale.teacher import build_teacher
 
+        check_supported(cfg)
         self.cfg = cfg
         self.env = dist.resolve_dist_env()
         engine.init_distributed(self.env)

@@ -4,6 +4,10 @@ Every evaluation runs on all ranks (a ZeRO-3 forward needs every rank), gathers 
 predictions to rank 0 once (:func:`cmkd_scale.evaluate.evaluate`), where they are written as
 ``eval/<name>_{predictions.npz,class_ap.csv,summary.json}`` and logged to the tracker; every
 rank gets the summary back, so all of them take the same best-model decision.
+
+Weights change only at optimizer steps, so a second evaluation at the same step (a step
+evaluation that falls on an epoch end, or on the run's last step) reuses the first result: its
+files are written under the second name too, without another pass over the eval set.
 """
 
 from __future__ import annotations
@@ -44,11 +48,14 @@ class TrainEvaluator:
         self.tracker = tracker
         self.record = record
         self._teacher_result: EvalResult | None = None
+        self._latest: tuple[int, str, EvalResult] | None = None  # step, name, result
 
     def student(
         self, model: Any, dtype: torch.dtype, name: str, *, step: int, epoch: int
     ) -> dict[str, float]:
         """Evaluate ``model`` (the DeepSpeed engine) as ``name``; its summary on every rank."""
+        if self._latest is not None and self._latest[0] == step:
+            return self._reuse(name, *self._latest)
         model.eval()
 
         def forward(fbank: torch.Tensor) -> torch.Tensor:
@@ -58,6 +65,7 @@ class TrainEvaluator:
             result = evaluate(forward, self.loader, device=self.device)
         finally:
             model.train()
+        self._latest = (step, name, result)
         summary = result.summary
         if self.is_main:
             save_result(result, self.out_dir, name, self.class_names)
@@ -71,6 +79,15 @@ class TrainEvaluator:
             summary["dprime"],
         )
         return summary
+
+    def _reuse(self, name: str, step: int, first: str, result: EvalResult) -> dict[str, float]:
+        """``name`` scores the weights ``first`` already scored at ``step``: files and record."""
+        if name != first:
+            log.info("eval %s: the weights of %s (step %d), scored once", name, first, step)
+            if self.is_main:
+                save_result(result, self.out_dir, name, self.class_names)
+            self.record({"step": step, "eval": name, **result.summary})
+        return result.summary
 
     def teacher(self, teacher: torch.nn.Module, *, step: int, epoch: int) -> None:
         """The frozen teacher's eval, computed once, logged beside every student eval."""
