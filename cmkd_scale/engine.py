@@ -64,8 +64,9 @@ def deepspeed_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,  # our loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
-    if opt.grad_clip > 0:
-        config["gradient_clipping"] = opt.grad_clip
+    # always written: DeepSpeed's own default is 1.0, so leaving the key out would clip every
+    # run configured without clipping (0.0 turns it off)
+    config["gradient_clipping"] = float(opt.grad_clip)
     return config
 
 

@@ -71,7 +71,8 @@ def test_deepspeed_json_comes_from_the_config() -> None:
     assert ds["optimizer"]["type"] == "Adam" and params["lr"] == 3e-4
     assert params["betas"] == [0.95, 0.999] and params["weight_decay"] == 5e-7  # AST's Adam
     assert params["torch_adam"] is True and params["adam_w_mode"] is False  # L2, no C++ build
-    assert "gradient_clipping" not in deepspeed_config(load_config(None, []), world_size=1)
+    # grad_clip=0 means no clipping; DeepSpeed would clip at 1.0 if the key were left out
+    assert deepspeed_config(load_config(None, []), world_size=1)["gradient_clipping"] == 0.0
 
 
 def _teacher(tmp_dtype: str = "fp32") -> FrozenTeacher:
