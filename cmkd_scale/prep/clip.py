@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,30 @@ from .audio_io import (
     to_mono_16k,
     to_pcm16,
 )
+
+# Fault injection for tests, never set in production: with CMKD_PREP_CRASH_ON=<substring>, a
+# decoder process kills itself with CMKD_PREP_CRASH_SIGNAL (default SIGSEGV) before decoding a
+# file whose name contains the substring, as a crashing native decoder would.  With
+# CMKD_PREP_CRASH_ONCE=<marker path> it does so only while that marker file does not exist yet
+# (the crash creates it): a one-off kill, after which the same file decodes fine.
+CRASH_ON_ENV = "CMKD_PREP_CRASH_ON"
+CRASH_SIGNAL_ENV = "CMKD_PREP_CRASH_SIGNAL"
+CRASH_ONCE_ENV = "CMKD_PREP_CRASH_ONCE"
+_in_decoder_process = False  # set by init_worker: the hook never fires in the caller's process
+
+
+def _injected_crash(path: str) -> None:
+    """The test-only fault injection described above (a no-op unless its variable is set)."""
+    needle = os.environ.get(CRASH_ON_ENV)
+    if not (_in_decoder_process and needle and needle in os.path.basename(path)):
+        return
+    if once := os.environ.get(CRASH_ONCE_ENV):
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an injected crash leaves no core file
+    os.kill(os.getpid(), signal.Signals[os.environ.get(CRASH_SIGNAL_ENV, "SIGSEGV")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +62,7 @@ class ClipResult:
 
 def process_clip(job: ClipJob) -> ClipResult:
     """Decode, cut, downmix, resample, encode and re-decode one clip; never raises on bad audio."""
+    _injected_crash(job.path)
     try:
         audio, sr = decode_segment(job.path, job.start, job.end)
         if audio.size == 0:
@@ -52,7 +80,9 @@ def process_clip(job: ClipJob) -> ClipResult:
 
 
 def init_worker() -> None:
-    """Pool initializer: one torch thread per worker process (workers are the parallelism)."""
+    """Decoder process setup: one torch thread per process (processes are the parallelism)."""
+    global _in_decoder_process
     import torch
 
     torch.set_num_threads(1)
+    _in_decoder_process = True

@@ -10,15 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .clip import ClipJob, ClipResult, init_worker, process_clip
+from .clip import ClipJob, ClipResult
+from .decoders import DecoderPool, WorkerDied
 from .locate import AudioIndex
 from .manifest import MANIFEST_FILE, finalize
 from .plan import PLAN_FILE, Plan, PlanError, canonical_json, make_plan, task_shards
@@ -40,10 +38,6 @@ class ShardWork:
     j: int
     jobs: list[ClipJob]
     missing: list[Segment]
-
-
-class WorkerDied(RuntimeError):
-    """A decoding process ended abnormally; completed shards are kept."""
 
 
 class _EmptyShard(Exception):
@@ -116,43 +110,31 @@ def _locate(plan: Plan, index: AudioIndex, shards: list[int]) -> Iterator[ShardW
         yield ShardWork(j, jobs, missing)
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """In-process work uses one core, like a pool worker (and the same arithmetic)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _processed(
-    works: Iterator[ShardWork], workers: int
+    works: Iterator[ShardWork], pool: DecoderPool
 ) -> Iterator[tuple[ShardWork, Iterator[ClipResult]]]:
-    """Each shard with its clip results in job order; a pool works up to 2 shards ahead."""
-    if workers <= 1:
-        with _one_torch_thread():
-            for work in works:
-                yield work, map(process_clip, work.jobs)
-        return
-    # spawn: fork is unsafe once torch/DALI threads exist.  An executor (not multiprocessing's
-    # Pool, which waits forever) reports a worker killed by the OOM killer or a decoder crash.
-    pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker
-    )
-    try:
-        queued: deque[tuple[ShardWork, Iterator[ClipResult]]] = deque()
-        for work in works:
-            queued.append((work, pool.map(process_clip, work.jobs, chunksize=4)))
-            if len(queued) > 2:
-                yield queued.popleft()
-        while queued:
-            yield queued.popleft()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Each shard with its clip results in job order; the pool works up to 2 shards ahead."""
+    queued: deque[ShardWork] = deque()
+    for work in works:
+        pool.submit(work.jobs)
+        queued.append(work)
+        if len(queued) > 2:
+            done = queued.popleft()
+            yield done, pool.results(done.jobs)
+    while queued:
+        done = queued.popleft()
+        yield done, pool.results(done.jobs)
+
+
+def _describe(plan: Plan, index: AudioIndex) -> Callable[[ClipJob], str]:
+    """How log lines name a clip: its shard, key and audio file."""
+
+    def describe(job: ClipJob) -> str:
+        seg = plan.segments[job.position]
+        shard = shard_name(job.position // plan.shard_size)
+        return f"{shard} key {seg.key} (file {index.relative(job.path)})"
+
+    return describe
 
 
 def _write_shard(
@@ -256,17 +238,22 @@ def run_task(
     total = sum(len(plan.shard_range(j)) for j in pending)
     progress = Progress(total, progress_every_s)
     work = None
+    # Decoding always runs in child processes, also for one worker: a decoder crash costs the
+    # clip that caused it (recorded in failed.csv), never this process.
     try:
-        with contextlib.closing(_processed(_locate(plan, index, pending), workers)) as shards:
-            for work, results in shards:  # closing() stops the pool at once if writing fails
+        with DecoderPool(workers, _describe(plan, index)) as pool:
+            for work, results in _processed(_locate(plan, index, pending), pool):
                 _write_shard(output, plan, work, results, index, progress)
-    except BrokenProcessPool as exc:
+    except WorkerDied as exc:
         name = shard_name(work.j) if work is not None else "the first shard"
         raise WorkerDied(
-            f"a worker process died while {name} was being built (killed, out of memory, or a "
-            "decoder crashed on one of its files); completed shards are kept: rerun the same "
+            f"while {name} was being built: {exc}; completed shards are kept: rerun the same "
             "command to continue"
         ) from exc
+    if pool.crashes:
+        log.warning(
+            "%d clips crashed their decoder process and are recorded in failed.csv", pool.crashes
+        )
     progress.log(final=True)
     return plan, output, pending
 
