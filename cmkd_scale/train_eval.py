@@ -13,13 +13,15 @@ files are written under the second name too, without another pass over the eval 
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from cmkd_scale.evaluate import EvalResult, evaluate, save_result
+from cmkd_scale.evaluate import EvalResult, evaluate, save_result, score
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,14 @@ class TrainEvaluator:
         return result.summary
 
     def teacher(self, teacher: torch.nn.Module, *, step: int, epoch: int) -> None:
-        """The frozen teacher's eval, computed once, logged beside every student eval."""
+        """The frozen teacher's eval, computed once per run, logged beside every student eval.
+
+        A resumed run reads the predictions its first process saved (the teacher is frozen and
+        the eval set fixed) instead of another pass. Every rank sees the same files: rank 0
+        writes them only after the collective evaluation that every rank entered first.
+        """
+        if self._teacher_result is None:
+            self._teacher_result = self._saved_teacher()
         if self._teacher_result is None:
 
             def forward(fbank: torch.Tensor) -> torch.Tensor:
@@ -109,3 +118,20 @@ class TrainEvaluator:
                 class_names=self.class_names,
                 prefix="teacher",
             )
+
+    def _saved_teacher(self) -> EvalResult | None:
+        """The teacher's evaluation saved by an earlier process of this run, if complete."""
+        saved = self.out_dir / "teacher_predictions.npz"
+        if not (saved.is_file() and (self.out_dir / "teacher_summary.json").is_file()):
+            return None
+        try:
+            with np.load(saved) as arrays:
+                probs, targets = arrays["probs"], arrays["targets"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            log.warning("%s unreadable (%s): evaluating the teacher again", saved, exc)
+            return None
+        if probs.shape != (self.loader.num_samples, len(self.class_names)):
+            return None  # another eval set: score the teacher again
+        summary, ap, auc = score(probs, targets)
+        log.info("teacher eval: mAP %.4f (saved by an earlier process of this run)", summary["mAP"])
+        return EvalResult(summary, ap, auc, probs, targets)
