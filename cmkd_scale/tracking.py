@@ -60,6 +60,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from cmkd_scale import plots, sysinfo
+from cmkd_scale.tracker_base import Tracker
 from cmkd_scale.tracking_journal import Journal, RunState, now_ms
 from cmkd_scale.tracking_report import Curves, eval_parts, safe_key, write_class_table
 from cmkd_scale.tracking_sender import Op, Point, Sender
@@ -235,57 +236,6 @@ class RemoteRun:
 
 
 # ---------------------------------------------------------------- trackers
-
-
-class Tracker:
-    """The no-op tracker other ranks hold (and rank 0 when tracking is disabled)."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Flattened resolved config (``cfg.flat()``)."""
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        """Run tags (strings)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Per-step scalars; buffered and sent in batches."""
-
-    def log_eval(
-        self,
-        stats: Any,
-        step: int,
-        epoch: int,
-        class_names: Sequence[str],
-        prefix: str = "eval",
-    ) -> None:
-        """mAP/mAUC/d'/best mAP, a per-class AP CSV and the eval plots."""
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """A file or directory from the run, uploaded as is."""
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """A text artifact (kept under RUN_DIR/tracking/artifacts as well)."""
-
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """A JSON (``.json``) or YAML artifact."""
-
-    def log_checkpoint(self, path: str | Path) -> None:
-        """The exported student: uploaded when cfg.tracking.log_checkpoint, its path as a tag."""
-
-    def finish(self, status: str = "FINISHED", note: str = "") -> None:
-        """End the run: FINISHED, FAILED or KILLED (``note`` says why / where to resume)."""
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None:
-            self.finish("FINISHED")
-        elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            self.finish("KILLED", note=f"{type(exc).__name__}: {exc}")
-        else:
-            self.finish("FAILED", note=f"{type(exc).__name__}: {exc}")
 
 
 class MlflowTracker(Tracker):

@@ -248,7 +248,12 @@ class Trainer:
                     )
 
     def _make_tracker(self) -> Any:
-        """The run's tracker; a resumed run continues its MLflow run."""
+        """The run's tracker; a resumed run continues its MLflow run. Ranks > 0 and runs with
+        tracking disabled get the no-op tracker without importing MLflow."""
+        if not (self.is_main and self.cfg.tracking.enabled):
+            from cmkd_scale.tracker_base import Tracker
+
+            return Tracker()
         from cmkd_scale.tracking import make_tracker
 
         id_file = self.run_dir / "tracker_run_id"

@@ -45,9 +45,11 @@ def _env(**extra: str) -> dict[str, str]:
     }
     env.update(
         OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
+        # DeepSpeed's CUDA accelerator where a GPU is (the bf16 GPU test), its CPU one elsewhere
+        DS_ACCELERATOR="cuda" if torch.cuda.is_available() else "cpu",
         MLFLOW_DISABLE_TELEMETRY="true",
-        PYTHONPATH=str(ROOT),
+        # the repo first, keeping what the caller added (gpu_check's carried packages)
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     )
     env.update(extra)
     return env
