@@ -126,6 +126,15 @@ def failed_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _meta(out: Path, j: int) -> dict:
+    return json.loads((out / f"shard-{j:06d}.meta.json").read_text())
+
+
+def _keys(out: Path) -> list[str]:
+    """Every sample key in global order."""
+    return [key for j in range(3) for key, _ in _meta(out, j)["samples"]]
+
+
 def test_a_crash_with_one_worker_is_recorded_and_prep_finishes(
     inputs: Inputs, crashed_cli: tuple[Path, str]
 ) -> None:
@@ -145,7 +154,10 @@ def test_a_crash_with_one_worker_is_recorded_and_prep_finishes(
         f"died again (signal 11 SIGSEGV) decoding {where} alone: recorded as failed",
     )
     assert first in stderr and again in stderr, stderr
-    assert "1 clips crashed their decoder process" in stderr and "1 failed" in stderr
+    assert (
+        "files that crashed their decoder process: 1 (in failed.csv)" in stderr
+        and "1 failed" in stderr
+    )
     check = subprocess.run(
         [sys.executable, "-m", "cmkd_scale.prep", "verify", "--out", str(out)],
         cwd=ROOT,
@@ -153,15 +165,6 @@ def test_a_crash_with_one_worker_is_recorded_and_prep_finishes(
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-
-
-def _meta(out: Path, j: int) -> dict:
-    return json.loads((out / f"shard-{j:06d}.meta.json").read_text())
-
-
-def _keys(out: Path) -> list[str]:
-    """Every sample key in global order."""
-    return [key for j in range(3) for key, _ in _meta(out, j)["samples"]]
 
 
 def test_a_crash_gives_the_bytes_of_an_ordinary_failure(
@@ -262,7 +265,8 @@ def test_a_decoder_killed_from_outside_costs_nothing(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, stderr
-    assert "died (signal 9 SIGKILL)" in stderr, stderr
+    # starting, idle or busy: where the kill lands varies; no state of a decoder loses a clip
+    assert "WARNING cmkd_scale.prep.decoders: a" in stderr and "(signal 9 SIGKILL)" in stderr
     _, alive = psutil.wait_procs(lanes, timeout=10)
     assert not alive, "decoder processes outlived prep"
     assert tree_digest(out) == tree_digest(inputs.clean)

@@ -58,16 +58,14 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 def lane_main(conn: Connection) -> None:
-    """Body of a decoder process: clip jobs in, results out, until None or the parent is gone."""
+    """Body of a decoder process: clip jobs in, results out, until the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     init_worker()
     conn.send(_READY)
     while True:
         try:
             job = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if job is None:
+        except EOFError:  # the parent is gone (it ends lanes with SIGTERM otherwise)
             return
         try:
             conn.send(process_clip(job))
@@ -101,14 +99,9 @@ class _Lane:
         return describe_exit(self.process.exitcode)
 
     def ask_to_stop(self) -> None:
-        """Politely when idle (it exits after reading None), at once when it still has clips."""
-        try:
-            if self.given or not self.ready:
-                self.process.terminate()
-            else:
-                self.conn.send(None)
-        except OSError:  # already gone
-            pass
+        """SIGTERM: a lane holds no state worth an orderly exit (which takes a second or two)."""
+        if self.process.exitcode is None:
+            self.process.terminate()
 
     def wait_stopped(self) -> None:
         self.process.join(timeout=10)
@@ -121,8 +114,9 @@ class _Lane:
 class DecoderPool:
     """``workers`` decoder processes; submit clip jobs, then take their results by position."""
 
-    def __init__(self, workers: int, describe: Callable[[ClipJob], str]) -> None:
-        self.describe = describe  # "shard-000003 key abc_1000 file x/abc.m4a" for log lines
+    def __init__(self, workers: int, describe: Callable[[ClipJob], str] | None = None) -> None:
+        # how log lines name a clip; the caller may set a better one ("shard-000003 key ...")
+        self.describe = describe or (lambda job: f"clip {job.position} (file {job.path})")
         self.crashes = 0  # clips recorded as failed because they crashed their decoder
         self._ctx = multiprocessing.get_context("spawn")
         self._workers = workers
@@ -188,7 +182,7 @@ class DecoderPool:
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
-        finally:  # all at once: each exit (interpreter teardown) takes a moment
+        finally:  # all at once, then wait
             for lane in self._lanes:
                 lane.ask_to_stop()
             for lane in self._lanes:
@@ -277,9 +271,9 @@ class DecoderPool:
             log.warning("a decoder process died while starting (%s); starting another", how)
             self._lanes.append(_Lane(self._ctx, lane.alone))
             return
-        if not lane.given:
+        if not lane.given:  # a suspect it was to decode alone (not given yet) passes on
             log.warning("an idle decoder process died (%s); starting another", how)
-            self._lanes.append(_Lane(self._ctx, None))
+            self._lanes.append(_Lane(self._ctx, lane.alone))
             return
         suspect, *unstarted = lane.given
         with self._cond:  # not started: back to the front of the queue, in order

@@ -234,14 +234,16 @@ def run_task(
         log.info("nothing to do: all %d shards of this task are complete in %s", len(mine), out)
         return plan, output, []
     _remove_stale_temps(output, pending)
-    index = AudioIndex.scan(Path(audio_dir))
     total = sum(len(plan.shard_range(j)) for j in pending)
-    progress = Progress(total, progress_every_s)
     work = None
     # Decoding always runs in child processes, also for one worker: a decoder crash costs the
-    # clip that caused it (recorded in failed.csv), never this process.
+    # clip that caused it (recorded in failed.csv), never this process.  They start (a few
+    # seconds: torch) while the audio folder is indexed.
     try:
-        with DecoderPool(workers, _describe(plan, index)) as pool:
+        with DecoderPool(workers) as pool:
+            index = AudioIndex.scan(Path(audio_dir))
+            pool.describe = _describe(plan, index)
+            progress = Progress(total, progress_every_s)
             for work, results in _processed(_locate(plan, index, pending), pool):
                 _write_shard(output, plan, work, results, index, progress)
     except WorkerDied as exc:
@@ -251,9 +253,7 @@ def run_task(
             "command to continue"
         ) from exc
     if pool.crashes:
-        log.warning(
-            "%d clips crashed their decoder process and are recorded in failed.csv", pool.crashes
-        )
+        log.warning("files that crashed their decoder process: %d (in failed.csv)", pool.crashes)
     progress.log(final=True)
     return plan, output, pending
 
