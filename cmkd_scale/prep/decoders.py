@@ -266,7 +266,9 @@ class DecoderPool:
                 raise WorkerDied(
                     f"{self._start_deaths} decoder processes in a row died ({how}) before they "
                     "could take a clip: no file is to blame; check free memory and process "
-                    "limits (cgroup, ulimit) on this machine"
+                    "limits (cgroup, ulimit) on this machine, and, when prep is called from a "
+                    'Python script, that the call sits under `if __name__ == "__main__":` '
+                    "(decoder processes are spawned and re-import that script)"
                 )
             log.warning("a decoder process died while starting (%s); starting another", how)
             self._lanes.append(_Lane(self._ctx, lane.alone))
