@@ -6,11 +6,11 @@ re-decode check, tar + idx + sha256, manifest) runs in this process with one wor
 compared with the reference way of AST's recipe in the same run: decode, resample to 16 kHz,
 write one 16 kHz WAV per clip (no shards, no validation).  Also prints a per-stage profile.
 "Per core" is clips per CPU-second (prep and its decoder process, torch on one thread) at
-steady state: prep runs on the first ``SMALL`` clips and on all of them (each twice, the
-cheaper run counts), and the difference gives the cost per clip; what is left is the fixed
-start cost of a prep run (the decoder process importing torch, the plan, the manifest),
-reported apart. Wall-clock clips/s equals CPU clips/s only on an idle machine, so the JSON
-records the load average too.
+steady state: prep runs on the first ``SMALL`` clips and on all of them (each ``REPEATS``
+times, the cheapest run counts), and the difference gives the cost per clip; what is left is
+the fixed start cost of a prep run (the decoder process importing torch, the plan, the
+manifest), reported apart. Wall-clock clips/s equals CPU clips/s only on an idle machine, so
+the JSON records the load average too.
 
     .venv/bin/python bench/bench_prep.py [--clips 200] [--out bench/results/prep.json]
 """
@@ -127,6 +127,7 @@ def stage_profile(audio_dir: Path, num: int = 20) -> dict[str, float]:
 
 
 SMALL = 10  # clips of the short prep run that measures the fixed start cost
+REPEATS = 3  # runs of each size; the cheapest counts (other jobs only ever add CPU time)
 
 
 def subset_csv(csv_path: Path, num_clips: int) -> Path:
@@ -149,10 +150,10 @@ def bench_source(fmt: str, num_clips: int, work: Path) -> dict:
             progress_every_s=1e9,
         )  # fmt: skip
 
-    # each run twice, the cheaper one counts: the start cost (a spawned interpreter importing
-    # torch) varies by a second from run to run on a shared machine
-    small = [timed(prep, subset_csv(csv_path, SMALL), f"shards_small{i}") for i in range(2)]
-    full = [timed(prep, csv_path, f"shards{i}") for i in range(2)]
+    # each run REPEATS times, the cheapest counts: the start cost (a spawned interpreter
+    # importing torch) varies by a second from run to run on a shared machine
+    small = [timed(prep, subset_csv(csv_path, SMALL), f"shards_small{i}") for i in range(REPEATS)]
+    full = [timed(prep, csv_path, f"shards{i}") for i in range(REPEATS)]
     _, small_wall, small_cpu = min(small, key=lambda r: r[2])
     manifest, wall, cpu = min(full, key=lambda r: r[2])
     assert manifest["num_samples"] == num_clips, manifest["num_failed"]
