@@ -21,6 +21,7 @@ the caller writes and uploads a shard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -194,12 +195,20 @@ class DecoderPool:
             for lane in self._lanes:
                 if not lane.ready:
                     continue
+                # a lane killed since the last look fails the send (broken pipe): what it was
+                # not given stays queued, and _collect handles its death through its sentinel
                 if lane.alone is not None:
                     if not lane.given:
-                        lane.give(lane.alone)
+                        with contextlib.suppress(OSError):
+                            lane.give(lane.alone)
                     continue
                 while len(lane.given) < LANE_DEPTH and self._todo:
-                    lane.give(self._todo.popleft())
+                    job = self._todo.popleft()
+                    try:
+                        lane.give(job)
+                    except OSError:
+                        self._todo.appendleft(job)
+                        break
 
     def _collect(self) -> None:
         """Wait for answers, deaths or a wake-up, and handle what arrived."""
