@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import soundfile as sf
+
+from cmkd_scale.synth import bundled_class_labels
 
 # Real AudioSet MIDs (from class_labels_indices.csv).
 SPEECH, MUSIC, DOG, CAR = "/m/09x0r", "/m/04rlf", "/m/0bt9lr", "/m/0k4j"
@@ -92,3 +95,13 @@ def tree_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.name.startswith(".")
     }
+
+
+def prep_cli(csv: Path, audio: Path, out: Path, shard_size: int, *extra: str) -> list[str]:
+    """The ``python -m cmkd_scale.prep`` command line for one segment CSV and the bundled
+    527-class index."""
+    return [
+        sys.executable, "-m", "cmkd_scale.prep", "--segments", str(csv),
+        "--class-labels", str(bundled_class_labels()), "--audio-dir", str(audio),
+        "--out", str(out), "--shard-size", str(shard_size), *extra,
+    ]  # fmt: skip

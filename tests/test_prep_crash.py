@@ -29,6 +29,7 @@ from tests.fixtures_prep import (
     DOG,
     MUSIC,
     SPEECH,
+    prep_cli,
     tone,
     tree_digest,
     write_audio,
@@ -49,22 +50,7 @@ class Inputs:
     shard_size: int
 
     def cli(self, out: Path, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "cmkd_scale.prep",
-            "--segments",
-            str(self.csv),
-            "--class-labels",
-            str(bundled_class_labels()),
-            "--audio-dir",
-            str(self.audio),
-            "--out",
-            str(out),
-            "--shard-size",
-            str(self.shard_size),
-            *extra,
-        ]
+        return prep_cli(self.csv, self.audio, out, self.shard_size, *extra)
 
     def run(self, out: Path, audio: Path | None = None, **kwargs) -> dict:
         audio = audio or self.audio

@@ -22,6 +22,7 @@ from tests.fixtures_prep import (
     DOG,
     MUSIC,
     SPEECH,
+    prep_cli,
     tone,
     tree_digest,
     write_audio,
@@ -42,22 +43,7 @@ class Inputs:
     digest: dict[str, str]
 
     def cli(self, out: Path, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "cmkd_scale.prep",
-            "--segments",
-            str(self.csv),
-            "--class-labels",
-            str(bundled_class_labels()),
-            "--audio-dir",
-            str(self.audio),
-            "--out",
-            str(out),
-            "--shard-size",
-            str(SHARD_SIZE),
-            *extra,
-        ]
+        return prep_cli(self.csv, self.audio, out, SHARD_SIZE, *extra)
 
     def run(self, out: Path, **kwargs) -> dict:
         kwargs.setdefault("shard_size", SHARD_SIZE)
