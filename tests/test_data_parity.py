@@ -9,11 +9,18 @@ import torch
 import torchaudio
 from fixtures_data import SR, decoded, flac_bytes, run_graph
 
+from cmkd_scale.data import kaldi_frames
 from cmkd_scale.data.pipeline import FeatureSpec
-from cmkd_scale.data.reference import kaldi_fbank
+from cmkd_scale.data.reference import ast_features, kaldi_fbank
 
 TOLERANCE = 0.05  # max abs difference on the unnormalised log-mel, all 128 bins
-RAW = FeatureSpec(target_length=None, normalize=False)
+# "fused": the CPU graph (one compiled kernel frames the wave); "ops": the GPU graph (DALI ops
+# only), run here on the CPU so that CI checks it too.
+FRAMINGS = pytest.mark.parametrize("framing", ["fused", "ops"])
+
+
+def _raw(framing: str) -> FeatureSpec:
+    return FeatureSpec(target_length=None, normalize=False, framing=framing)
 
 
 def _generated(seconds: float, seed: int = 0) -> dict[str, np.ndarray]:
@@ -33,8 +40,8 @@ def _generated(seconds: float, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _assert_parity(flacs: dict[str, np.ndarray]) -> float:
-    feats = run_graph(list(flacs.values()), RAW)
+def _assert_parity(flacs: dict[str, np.ndarray], framing: str) -> float:
+    feats = run_graph(list(flacs.values()), _raw(framing))
     worst = 0.0
     for (name, flac), ours in zip(flacs.items(), feats, strict=True):
         ref = kaldi_fbank(torch.from_numpy(decoded(flac))).numpy()
@@ -45,31 +52,74 @@ def _assert_parity(flacs: dict[str, np.ndarray]) -> float:
     return worst
 
 
-def test_generated_10s_clips_give_998x128_matching_kaldi():
+@FRAMINGS
+def test_generated_10s_clips_give_998x128_matching_kaldi(framing):
     flacs = {name: flac_bytes(w) for name, w in _generated(10.0).items()}
-    feats = run_graph(list(flacs.values()), RAW)
+    feats = run_graph(list(flacs.values()), _raw(framing))
     assert all(f.shape == (998, 128) for f in feats)
-    _assert_parity(flacs)
+    _assert_parity(flacs, framing)
 
 
+@FRAMINGS
 @pytest.mark.parametrize("samples", [400, 559, 560, 16000, 52_817])
-def test_other_lengths_match_kaldi(samples):
+def test_other_lengths_match_kaldi(samples, framing):
     """Kaldi's frame count 1 + (N - 400) // 160, down to a single frame."""
     flacs = {name: flac_bytes(w) for name, w in _generated(samples / SR, seed=samples).items()}
-    feats = run_graph(list(flacs.values()), RAW)
+    feats = run_graph(list(flacs.values()), _raw(framing))
     assert all(f.shape == (1 + (samples - 400) // 160, 128) for f in feats)
-    _assert_parity(flacs)
+    _assert_parity(flacs, framing)
 
 
-def test_real_audioset_clip_matches_kaldi(real_clip_wav):
+@FRAMINGS
+def test_real_audioset_clip_matches_kaldi(real_clip_wav, framing):
     wave, rate = sf.read(real_clip_wav, dtype="float32")
     assert rate == 32000
     wave16 = torchaudio.functional.resample(torch.from_numpy(wave), rate, SR).numpy()
     ten_s = np.resize(wave16, 10 * SR)  # also a full 10 s clip: the real one looped
     flacs = {"real 7 s": flac_bytes(wave16), "real 10 s": flac_bytes(ten_s)}
-    feats = run_graph(list(flacs.values()), RAW)
+    feats = run_graph(list(flacs.values()), _raw(framing))
     assert feats[0].shape == (698, 128) and feats[1].shape == (998, 128)
-    _assert_parity(flacs)
+    _assert_parity(flacs, framing)
+
+
+@FRAMINGS
+def test_mixup_matches_ast(framing):
+    """AST's waveform mixup with partners shorter (zero-padded) and longer (cut) than the
+    clip, a partner with a DC offset (centred before padding), and an unmixed clip."""
+    waves = _generated(10.0, seed=3)
+    clips = [waves["noise"], waves["chirp"], waves["clicks"]]
+    partners = [waves["tones+dc"][: 3 * SR], np.resize(waves["noise"], 12 * SR), None]
+    lams = [0.3, 0.8, 1.0]
+    flacs = [flac_bytes(w) for w in clips]
+    partner_flacs = [None if p is None else flac_bytes(p) for p in partners]
+    feats = run_graph(flacs, _raw(framing), partners=partner_flacs, lams=lams, device="cpu")
+    for flac, other, lam, ours in zip(flacs, partner_flacs, lams, feats, strict=True):
+        ref = ast_features(
+            torch.from_numpy(decoded(flac)),
+            partner=None if other is None else torch.from_numpy(decoded(other)),
+            lam=lam,
+            target_length=998,
+            norm_mean=0.0,
+            norm_std=0.5,  # (x - 0) / (2 * 0.5): the raw log-mel
+        ).numpy()
+        assert ours.shape == ref.shape == (998, 128)
+        assert np.abs(ours - ref).max() <= TOLERANCE
+
+
+def test_fused_kernel_frames_equal_kaldi_framing():
+    """The kernel's windowed frames (mean removed, pre-emphasised) against NumPy float64."""
+    wave = (0.3 * np.random.default_rng(0).standard_normal(52_817) + 0.2).astype(np.float32)
+    emphasised = np.empty_like(wave)
+    frames = np.empty((kaldi_frames.frame_count(len(wave)), 400), np.float32)
+    kaldi_frames._emphasise(emphasised, wave)
+    kaldi_frames._write_frames(frames, wave, emphasised)
+    np.testing.assert_allclose(frames, kaldi_frames.frames_reference(wave), atol=2e-6)
+    partner = np.linspace(-1, 1, 30_000, dtype=np.float32) + 0.5
+    mixed = np.empty_like(wave)
+    kaldi_frames._mix(mixed, wave, partner, np.float32(0.25))
+    expected = 0.25 * wave.astype(np.float64)
+    expected[:30_000] += 0.75 * (partner - partner.mean())
+    np.testing.assert_allclose(mixed, expected, atol=1e-6)
 
 
 def test_dc_removal_is_what_makes_it_match(real_clip_wav):
@@ -77,7 +127,7 @@ def test_dc_removal_is_what_makes_it_match(real_clip_wav):
     tests above do measure it."""
     wave, rate = sf.read(real_clip_wav, dtype="float32")
     flac = flac_bytes(torchaudio.functional.resample(torch.from_numpy(wave), rate, SR).numpy())
-    (ours,) = run_graph([flac], RAW)
+    (ours,) = run_graph([flac], _raw("auto"))
     no_dc = torchaudio.compliance.kaldi.fbank(
         torch.from_numpy(decoded(flac))[None],
         htk_compat=True,
@@ -105,3 +155,12 @@ def test_pad_crop_and_normalisation_follow_ast():
     np.testing.assert_allclose(padded[98:], (0 - mean) / (2 * std))
     np.testing.assert_allclose(padded[:98], (raw - mean) / (2 * std), atol=TOLERANCE / (2 * std))
     np.testing.assert_allclose(cropped, (raw[:64] - mean) / (2 * std), atol=TOLERANCE / (2 * std))
+
+
+def test_framing_choice():
+    assert FeatureSpec().fused("cpu") and not FeatureSpec().fused("gpu")
+    assert not FeatureSpec(framing="ops").fused("cpu")
+    with pytest.raises(ValueError, match="CPU kernel"):
+        FeatureSpec(framing="fused").fused("gpu")
+    with pytest.raises(ValueError, match="framing must be one of"):
+        FeatureSpec(framing="numba")

@@ -10,15 +10,22 @@ Kaldi parity. ``torchaudio.compliance.kaldi.fbank`` (AST's settings) frames the 
 samples every 160, edges snipped), removes each frame's mean, pre-emphasises within the frame,
 applies a symmetric Hann window, takes the 512-point power spectrum, a 128-band HTK mel bank
 (20 Hz..Nyquist) and the natural log floored at float32 eps. DALI's spectrogram cannot remove a
-per-frame mean, so the graph builds the frames itself: the wave is cut into rows of 160 samples
-(``[R, 160]``); frame t is row t ++ row t+1 ++ the first 80 samples of row t+2 (``[T, 400]``,
-three slices and a concatenation); the per-frame mean is subtracted, pre-emphasis applied with
-Kaldi's border rule (y[0] = x[0] - 0.97 x[0]) and the frames, laid end to end, go through
-``fn.spectrogram`` with window_length = window_step = 400. Every op used exists on the GPU.
+per-frame mean, so the graph frames the wave itself, in one of two ways (``FeatureSpec.framing``):
+
+* fused (the CPU default): one compiled kernel (``kaldi_frames``, DALI's Numba plugin) mixes,
+  frames, removes each frame's mean, pre-emphasises and windows; ``fn.power_spectrum`` follows.
+  On a CPU, DALI's elementwise ops cost more than the FFTs, so this is what makes the CPU
+  loader cheap (bench/bench_loader.py).
+* ops (the GPU graph): DALI ops only, see ``kaldi_fbank``; a Numba GPU kernel is untried (the
+  plugin accepts CUDA 11/12 toolkits only; this DALI is built for CUDA 13). It runs on the CPU
+  too, so the tests check both graphs against Kaldi; it is also the CPU fallback without Numba.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +36,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+log = logging.getLogger(__name__)
+
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms
 HOP = 160  # 10 ms
@@ -38,6 +47,7 @@ LOG_FLOOR = math.log(float(np.finfo(np.float32).eps))  # Kaldi's log(max(x, eps)
 HANN = np.hanning(WINDOW).astype(np.float32).tolist()  # symmetric, as Kaldi's "hanning"
 
 # Layout of the arrays the training source feeds per sample (see ``TrainLoader.step_inputs``).
+FRAMINGS = ("auto", "fused", "ops")
 SAMPLED_OUTPUTS = ("audio", "partner", "mix", "erase_anchor", "erase_shape", "labels", "index")
 
 
@@ -54,6 +64,31 @@ class FeatureSpec:
     # Stop after decoding (benchmarks: the CPU share of the GPU pipeline); run() then hands
     # out no features, only labels and extras.
     decode_only: bool = False
+    # How the graph frames the wave: "fused" (a compiled kernel, CPU only), "ops" (DALI ops
+    # only, the GPU graph; also runs on the CPU, so tests check it), "auto" (fused on CPU).
+    framing: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {self.framing!r}")
+
+    def fused(self, device: str) -> bool:
+        """Whether the graph on ``device`` frames with the compiled kernel."""
+        if self.framing == "fused" and device == "gpu":
+            raise ValueError("framing 'fused' is a CPU kernel: use 'auto' or 'ops' on the GPU")
+        if self.framing != "auto":
+            return self.framing == "fused"
+        return device == "cpu" and numba_available()
+
+
+@functools.cache
+def numba_available() -> bool:
+    """Numba is a dependency, but a hand-made environment (e.g. the GPU check's wheels) may
+    lack it: the CPU graph then falls back to DALI ops (slower, same features)."""
+    if importlib.util.find_spec("numba") is None:
+        log.warning("numba is not installed: the CPU loader frames with DALI ops (slower)")
+        return False
+    return True
 
 
 def kaldi_fbank(wave, length, num_mel_bins: int, *, scale: float = 1.0, shift: float = 0.0):
@@ -102,21 +137,64 @@ def kaldi_fbank(wave, length, num_mel_bins: int, *, scale: float = 1.0, shift: f
             power=2,
             layout="tf",
         )
-        mels.append(
-            fn.mel_filter_bank(
-                spectrum,
-                nfilter=num_mel_bins,
-                sample_rate=SAMPLE_RATE,
-                freq_low=20.0,
-                freq_high=SAMPLE_RATE / 2,
-                mel_formula="htk",
-                normalize=False,
-            )
-        )
+        mels.append(_mel(spectrum, num_mel_bins))
     mel = fn.reshape(fn.stack(*mels, axis=1), shape=[-1, num_mel_bins])  # [3K, bins]
-    mel = fn.slice(mel, start=[0], shape=frames, axes=[0])
-    # scale * ln(max(x, eps)) + shift = M log10(max(x / r, eps / r)), M = scale ln 10,
-    # r = exp(-shift / scale)
+    return _log(fn.slice(mel, start=[0], shape=frames, axes=[0]), scale, shift)
+
+
+def fused_fbank(wave, num_mel_bins: int, *, scale: float, shift: float, partner=None, mix=None):
+    """The CPU graph: one compiled kernel (``kaldi_frames``) mixes, frames, removes each
+    frame's mean and pre-emphasises; then spectrogram, mel and log as in ``kaldi_fbank``."""
+    inputs = (wave, partner, mix) if partner is not None else (wave,)
+    frames, *_scratch = _frames_op(len(inputs))(*inputs)
+    # [T, 257] power of the zero-padded 512-point FFT of every frame (the window is applied)
+    spectrum = fn.reshape(fn.power_spectrum(frames, nfft=NFFT, axis=1), layout="tf")
+    return _log(_mel(spectrum, num_mel_bins), scale, shift)
+
+
+@functools.cache
+def _frames_op(inputs: int):
+    """The kernel (1 input: eval, 3: mixup) as a DALI CPU op: ``NumbaFunction`` given
+    kaldi_frames' compiled C functions, loaded from Numba's cache instead of compiled per
+    process. Outputs: the frames, then one or two scratch waves."""
+    from nvidia.dali.plugin.numba import NumbaFunction  # numba is needed on the CPU path only
+
+    from cmkd_scale.data import kaldi_frames
+
+    class CompiledKernel(NumbaFunction):
+        def _get_run_fn_cpu(self, run_fn, *_):
+            return run_fn.address
+
+        def _get_setup_fn_cpu(self, setup_fn):
+            return setup_fn.address
+
+    outputs = 2 if inputs == 1 else 3
+    return CompiledKernel(
+        run_fn=kaldi_frames.eval_frames if inputs == 1 else kaldi_frames.mixup_frames,
+        setup_fn=kaldi_frames.frames_setup,
+        out_types=[types.FLOAT] * outputs,
+        in_types=[types.FLOAT] * inputs,
+        outs_ndim=[2] + [1] * (outputs - 1),
+        ins_ndim=[1] * inputs,
+        device="cpu",
+    )
+
+
+def _mel(spectrum, num_mel_bins: int):
+    return fn.mel_filter_bank(
+        spectrum,
+        nfilter=num_mel_bins,
+        sample_rate=SAMPLE_RATE,
+        freq_low=20.0,
+        freq_high=SAMPLE_RATE / 2,
+        mel_formula="htk",
+        normalize=False,
+    )
+
+
+def _log(mel, scale: float, shift: float):
+    """``scale * ln(max(mel, eps)) + shift``."""
+    # = M log10(max(x / r, eps / r)), M = scale ln 10, r = exp(-shift / scale)
     multiplier = scale * math.log(10.0)
     reference = math.exp(-shift / scale)
     return fn.to_decibels(
@@ -185,22 +263,26 @@ def audio_pipeline(
     wave = _decode(audio)
     if spec.decode_only:
         return (wave, *extra, *([_decode(partner)] if spec.augment else []))
-    # [N] as an int32 CPU node: slice shapes are (CPU) argument inputs of that type.
-    length = fn.cast(wave.shape(), dtype=types.INT32)
-    if device == "gpu":
-        wave = wave.gpu()
-    if spec.augment:
-        other = _decode(partner)
-        if device == "gpu":
-            other, mix = other.gpu(), mix.gpu()
-        wave = ast_mixup(wave, length, other, mix)
     # AST removes the clip mean first; Kaldi's per-frame DC removal makes that a no-op.
     # Normalisation (x - mean) / (2 std) is folded into the log; padding rows and masks get
     # the normalised value of a raw 0 (AST pads with zeros and masks with zeros pre-norm).
     scale, shift = 1.0, 0.0
     if spec.normalize:
         scale, shift = 1.0 / (2.0 * spec.norm_std), -spec.norm_mean / (2.0 * spec.norm_std)
-    fbank = kaldi_fbank(wave, length, spec.num_mel_bins, scale=scale, shift=shift)
+    if spec.fused(device):
+        mixing = dict(partner=_decode(partner), mix=mix) if spec.augment else {}
+        fbank = fused_fbank(wave, spec.num_mel_bins, scale=scale, shift=shift, **mixing)
+    else:
+        # [N] as an int32 CPU node: slice shapes are (CPU) argument inputs of that type.
+        length = fn.cast(wave.shape(), dtype=types.INT32)
+        if device == "gpu":
+            wave = wave.gpu()
+        if spec.augment:
+            other = _decode(partner)
+            if device == "gpu":
+                other, mix = other.gpu(), mix.gpu()
+            wave = ast_mixup(wave, length, other, mix)
+        fbank = kaldi_fbank(wave, length, spec.num_mel_bins, scale=scale, shift=shift)
     if spec.target_length is not None:  # AST: zero rows appended (raw log-mel 0) / crop
         fbank = fn.slice(
             fbank,
