@@ -93,3 +93,20 @@ def test_process_clip_reports_instead_of_raising(tmp_path: Path) -> None:
     ok = write_audio(tmp_path / "ok.opus", tone(440.0, 1.0, 48000), 48000)
     res = process_clip(ClipJob(4, str(ok), 0.0, 1.0))
     assert res.error is None and res.duration == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"), [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("WAV", "PCM_24")]
+)
+def test_decoding_gives_libsndfiles_float_samples(tmp_path: Path, fmt: str, subtype: str) -> None:
+    """16-bit PCM is read as int16 and scaled (the fast path): the very samples libsndfile's
+    own float conversion gives, for a whole file and for a cut (seek + read) whole video."""
+    rng = np.random.default_rng(0)
+    stereo = np.clip(0.4 * rng.standard_normal((44100 * 14, 2)), -1, 1)
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, stereo, 44100, format=fmt, subtype=subtype)
+    full = sf.read(path, dtype="float32", always_2d=True)[0]
+    audio, sr = decode_segment(str(path), 0.0, 14.0)
+    assert sr == 44100 and audio.dtype == np.float32 and np.array_equal(audio, full)
+    cut, _ = decode_segment(str(path), 2.0, 4.5)  # 14 s file, 2.5 s segment: cut
+    assert np.array_equal(cut, full[2 * 44100 : 4 * 44100 + 22050])
