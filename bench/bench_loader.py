@@ -299,6 +299,8 @@ def main() -> None:
                 "mixup": cfg.mixup,
                 "freqm": cfg.freqm,
                 "timem": cfg.timem,
+                # the CPU graph: "fused" (Numba kernel) unless numba is missing ("ops")
+                "cpu_framing": "fused" if FeatureSpec().fused("cpu") else "ops",
             },
         }
         results.update(run_cpu(cfg, args))

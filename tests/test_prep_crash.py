@@ -1,4 +1,5 @@
-"""A file that crashes its decoder process costs that clip only; a kill from outside costs nothing.
+"""A file that crashes (or hangs) its decoder process costs that clip only; a kill from outside
+costs nothing.
 
 Crashes are real: the decoder process kills itself with a signal before decoding the named
 file (the CMKD_PREP_CRASH_ON fault-injection hook in cmkd_scale.prep.clip), or the test kills
@@ -195,6 +196,61 @@ def test_a_one_off_kill_on_a_good_file_marks_nothing_failed(
     assert "died (signal 9 SIGKILL) on shard-000001" in caplog.text
     assert f"{CULPRIT}.m4a) decodes fine alone" in caplog.text
     assert tree_digest(tmp_path / "out") == tree_digest(inputs.clean)
+
+
+HANG_REASON = (
+    "the decoder process died (no answer within 3 s (--decode-timeout): hung, killed) on this file"
+)
+
+
+def test_a_hung_decoder_is_killed_and_its_file_recorded(
+    inputs: Inputs, unreadable: Path, tmp_path: Path
+) -> None:
+    """A decoder stuck on a file (it never answers) is killed after --decode-timeout, the file
+    is tried once more alone, then recorded; the output is that of an ordinary failure."""
+    out = tmp_path / "out"
+    env = {**os.environ, "CMKD_PREP_CRASH_ON": CULPRIT, "CMKD_PREP_CRASH_SIGNAL": "HANG"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        inputs.cli(out, "--workers", "2", "--decode-timeout", "3"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started >= 6  # two full timeouts: first try, then alone
+    assert [r["reason"] for r in failed_rows(out)] == [HANG_REASON]
+    where = f"shard-000001 key {CULPRIT}_0 (file {CULPRIT}.m4a)"
+    assert f"hung, killed) on {where}; decoding it again alone" in proc.stderr, proc.stderr
+    hung, plain = tree_digest(out), tree_digest(unreadable)
+    assert sorted(n for n in hung if hung[n] != plain[n]) == [
+        "failed.csv",
+        "shard-000001.meta.json",
+    ]
+    assert verify(str(out)) == []
+
+
+def test_a_decoder_hung_once_costs_nothing(inputs: Inputs, tmp_path: Path, monkeypatch) -> None:
+    """Hung once (e.g. stalled storage), the retry alone decodes it: nothing is failed."""
+    marker = tmp_path / "hung-once"
+    monkeypatch.setenv("CMKD_PREP_CRASH_ON", CULPRIT)
+    monkeypatch.setenv("CMKD_PREP_CRASH_SIGNAL", "HANG")
+    monkeypatch.setenv("CMKD_PREP_CRASH_ONCE", str(marker))
+    inputs.run(tmp_path / "out", decode_timeout_s=2.0)
+    assert marker.exists(), "the decoder never hung"
+    assert tree_digest(tmp_path / "out") == tree_digest(inputs.clean)
+
+
+def test_a_nonpositive_decode_timeout_is_refused(inputs: Inputs, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        inputs.cli(tmp_path / "out", "--decode-timeout", "0"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--decode-timeout must be > 0 seconds, got 0.0" in proc.stderr
 
 
 @pytest.mark.slow

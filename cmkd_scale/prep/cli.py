@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..logs import setup_logging
+from .decoders import DEFAULT_TIMEOUT_S
 from .manifest import FinalizeError, finalize
 from .plan import PlanError
 from .run import DEFAULT_SHARD_SIZE, WorkerDied, run_prep
@@ -86,6 +87,14 @@ def _run_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count and report malformed CSV rows (and unknown MIDs) instead of stopping",
     )
+    p.add_argument(
+        "--decode-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a clip not decoded within this time (a hung decoder) is killed, retried alone "
+        f"once, then recorded in failed.csv (default {DEFAULT_TIMEOUT_S:g})",
+    )
     p.add_argument("--num-tasks", type=int, default=None, help="split shards over K tasks")
     p.add_argument("--task-id", type=int, default=None, help="this task's id in [0, K)")
     p.add_argument(
@@ -156,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             num_tasks=num_tasks,
             task_id=task_id,
             progress_every_s=args.progress_every,
+            decode_timeout_s=args.decode_timeout,
         )
         return 0
     except (SegmentsError, PlanError, FinalizeError, FileNotFoundError, WorkerDied) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,8 @@ from .audio_io import (
 
 # Fault injection for tests, never set in production: with CMKD_PREP_CRASH_ON=<substring>, a
 # decoder process kills itself with CMKD_PREP_CRASH_SIGNAL (default SIGSEGV) before decoding a
-# file whose name contains the substring, as a crashing native decoder would.  With
+# file whose name contains the substring, as a crashing native decoder would (HANG: it sleeps
+# forever instead, as a decoder stuck in a loop would).  With
 # CMKD_PREP_CRASH_ONCE=<marker path> it does so only while that marker file does not exist yet
 # (the crash creates it): a one-off kill, after which the same file decodes fine.
 CRASH_ON_ENV = "CMKD_PREP_CRASH_ON"
@@ -40,6 +42,9 @@ def _injected_crash(path: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+    if os.environ.get(CRASH_SIGNAL_ENV) == "HANG":
+        while True:
+            time.sleep(3600)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an injected crash leaves no core file
     os.kill(os.getpid(), signal.Signals[os.environ.get(CRASH_SIGNAL_ENV, "SIGSEGV")])
 

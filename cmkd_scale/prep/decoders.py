@@ -11,6 +11,10 @@ is lost.  Clips the dead lane had been given but not started go back to the fron
 Results are keyed by clip position, so what lands in a shard never depends on which lane
 decoded what, how many lanes there are, or whether a lane died.
 
+A decoder that hangs (an FFmpeg loop on a malformed container) is a crash too: a lane that has
+not answered its oldest clip within ``timeout_s`` (``--decode-timeout``) is killed, and the clip
+is handled exactly like one that crashed its decoder (again alone, then failed.csv).
+
 A crash is handed out only once some other clip has decoded after it (or nothing else is left
 to decode): when every clip crashes, even alone, the machine is to blame (memory, limits), and
 prep stops with WorkerDied before any innocent clip is recorded as failed.
@@ -26,6 +30,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +41,8 @@ from .clip import ClipJob, ClipResult, init_worker, process_clip
 log = logging.getLogger(__name__)
 
 CRASH_REASON = "the decoder process died ({how}) on this file"
+HANG_HOW = "no answer within {timeout:g} s (--decode-timeout): hung, killed"
+DEFAULT_TIMEOUT_S = 300.0  # a 10 s clip decodes in ~20 ms, an hour-long video in seconds
 LANE_DEPTH = 2  # clips given to a lane ahead, so it never waits for the parent between clips
 MAX_START_DEATHS = 3  # lanes dying before taking a clip, in a row: the machine, not a file
 MAX_CRASHES_IN_A_ROW = 8  # clips crashing even alone, none decoding in between: likewise
@@ -85,10 +92,20 @@ class _Lane:
         self.ready = False
         self.given: deque[ClipJob] = deque()
         self.alone = alone  # a suspect this fresh lane decodes alone, before anything else
+        self.busy_since: float | None = None  # when its oldest given clip started decoding
+        self.hung = False  # killed for not answering in time
 
     def give(self, job: ClipJob) -> None:
         self.conn.send(job)
+        if not self.given:
+            self.busy_since = time.monotonic()
         self.given.append(job)
+
+    def answered(self) -> ClipJob:
+        """The oldest clip was answered: the next one (if any) starts decoding now."""
+        job = self.given.popleft()
+        self.busy_since = time.monotonic() if self.given else None
+        return job
 
     def exit_status(self) -> str:
         """How the (dead) process ended."""
@@ -115,10 +132,18 @@ class _Lane:
 class DecoderPool:
     """``workers`` decoder processes; submit clip jobs, then take their results by position."""
 
-    def __init__(self, workers: int, describe: Callable[[ClipJob], str] | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        describe: Callable[[ClipJob], str] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"--decode-timeout must be > 0 seconds, got {timeout_s}")
         # how log lines name a clip; the caller may set a better one ("shard-000003 key ...")
         self.describe = describe or (lambda job: f"clip {job.position} (file {job.path})")
-        self.crashes = 0  # clips recorded as failed because they crashed their decoder
+        self.timeout_s = timeout_s
+        self.crashes = 0  # clips recorded as failed because they crashed (or hung) a decoder
         self._ctx = multiprocessing.get_context("spawn")
         self._workers = workers
         self._todo: deque[ClipJob] = deque()
@@ -211,12 +236,12 @@ class DecoderPool:
                         break
 
     def _collect(self) -> None:
-        """Wait for answers, deaths or a wake-up, and handle what arrived."""
+        """Wait for answers, deaths, a wake-up or a decoding deadline; handle what arrived."""
         by_fd = {}
         for lane in self._lanes:
             by_fd[lane.conn] = lane
             by_fd[lane.process.sentinel] = lane
-        ready = wait([self._wake_r, *by_fd])
+        ready = wait([self._wake_r, *by_fd], timeout=self._kill_overdue())
         while self._wake_r.poll():
             self._wake_r.recv_bytes()
         for lane in {id(by_fd[r]): by_fd[r] for r in ready if r in by_fd}.values():
@@ -231,12 +256,27 @@ class DecoderPool:
                 pass
             self._lost(lane)
 
+    def _kill_overdue(self) -> float | None:
+        """SIGKILL lanes whose oldest clip is past its deadline (their death is then handled
+        like a crash); seconds until the next deadline, None if no lane is decoding."""
+        now, wait_s = time.monotonic(), None
+        for lane in self._lanes:
+            if lane.busy_since is None or lane.hung:
+                continue
+            left = lane.busy_since + self.timeout_s - now
+            if left <= 0 and lane.process.exitcode is None:
+                lane.hung = True
+                lane.process.kill()
+            elif left > 0:
+                wait_s = left if wait_s is None else min(wait_s, left)
+        return wait_s
+
     def _answer(self, lane: _Lane, msg: object) -> None:
         if msg == _READY:
             lane.ready = True
             self._start_deaths = 0
             return
-        job = lane.given.popleft()
+        job = lane.answered()
         if isinstance(msg, tuple):  # ("error", position, traceback)
             raise RuntimeError(
                 f"decoding {self.describe(job)} raised an unexpected error; this is a bug in "
@@ -268,6 +308,8 @@ class DecoderPool:
     def _lost(self, lane: _Lane) -> None:
         """A lane died: blame nobody yet, confirm a suspect alone, or record a crash."""
         how = lane.exit_status()
+        if lane.hung:
+            how = HANG_HOW.format(timeout=self.timeout_s)
         self._lanes.remove(lane)
         if not lane.ready:
             self._start_deaths += 1

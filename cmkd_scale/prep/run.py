@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .clip import ClipJob, ClipResult
-from .decoders import DecoderPool, WorkerDied
+from .decoders import DEFAULT_TIMEOUT_S, DecoderPool, WorkerDied
 from .locate import AudioIndex
 from .manifest import MANIFEST_FILE, finalize
 from .plan import PLAN_FILE, Plan, PlanError, canonical_json, make_plan, task_shards
@@ -210,10 +210,13 @@ def run_task(
     num_tasks: int = 1,
     task_id: int = 0,
     progress_every_s: float = 10.0,
+    decode_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> tuple[Plan, Output, list[int]]:
     """Build the shards of task ``task_id``; returns the plan, the output and shards built."""
     if workers < 1:
         raise PlanError(f"--workers must be >= 1, got {workers}")
+    if not decode_timeout_s > 0:
+        raise PlanError(f"--decode-timeout must be > 0 seconds, got {decode_timeout_s}")
     plan = make_plan(segments, class_labels, shard_size=shard_size, skip_bad_lines=skip_bad_lines)
     mine = task_shards(plan.num_shards, num_tasks, task_id)
     output = Output(out)
@@ -240,7 +243,7 @@ def run_task(
     # clip that caused it (recorded in failed.csv), never this process.  They start (a few
     # seconds: torch) while the audio folder is indexed.
     try:
-        with DecoderPool(workers) as pool:
+        with DecoderPool(workers, timeout_s=decode_timeout_s) as pool:
             index = AudioIndex.scan(Path(audio_dir))
             pool.describe = _describe(plan, index)
             progress = Progress(total, progress_every_s)
@@ -270,6 +273,7 @@ def run_prep(
     num_tasks: int = 1,
     task_id: int = 0,
     progress_every_s: float = 10.0,
+    decode_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict:
     """Raw AudioSet -> shards.  With one task, also finalize and return the manifest;
     with several, return this task's summary (run ``finalize`` once all tasks are done)."""
@@ -284,6 +288,7 @@ def run_prep(
         num_tasks=num_tasks,
         task_id=task_id,
         progress_every_s=progress_every_s,
+        decode_timeout_s=decode_timeout_s,
     )
     if num_tasks == 1:
         if not built and output.exists(MANIFEST_FILE):
