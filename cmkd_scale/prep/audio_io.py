@@ -1,24 +1,25 @@
 """Decode any downloaded audio, cut the segment, make it 16 kHz mono, encode it as FLAC.
 
 Decoders: soundfile (libsndfile) for wav/flac/ogg/opus/mp3, PyAV (FFmpeg) for m4a/aac/webm and
-as the fallback when libsndfile refuses a file.  Resampling uses
-``torchaudio.transforms.Resample`` (band-limited windowed-sinc interpolation, kernel cached per
-source rate): it is already in the stack (no extra dependency, unlike soxr), anti-aliases
-properly, is deterministic on one thread and takes ~5 ms per 10 s clip on one core.
+as the fallback when libsndfile refuses a file.  Resampling uses libsoxr (``soxr``, "HQ", the
+resampler of SoX and librosa's default): band-limited, deterministic, single-threaded, ~2 ms
+per 10 s clip on one core, 1.4-2x cheaper than ``torchaudio.transforms.Resample`` (whose
+polyphase convolution computes every tap of every phase), and it keeps torch out of the
+decoder processes (faster start, ~300 MB less memory per worker).
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import re
 
 import numpy as np
 import soundfile as sf
+import soxr
 
 SAMPLE_RATE = 16000
 CUT_TOLERANCE_S = 1.0  # a file longer than the segment by more than this is the whole video
-RESAMPLER = "torchaudio.transforms.Resample(sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
+RESAMPLER = f"soxr {soxr.__version__} quality=HQ"
 FLAC_SUBTYPE = "PCM_16"
 _SOUNDFILE_EXTS = {"wav", "flac", "ogg", "oga", "opus", "mp3"}
 # libsndfile logs "data : 529200 (should be 264578)" for a WAV whose data chunk runs past EOF.
@@ -139,23 +140,12 @@ def downmix(audio: np.ndarray) -> np.ndarray:
     return mono
 
 
-@functools.lru_cache(maxsize=16)
-def _resampler(orig_sr: int):  # -> torchaudio.transforms.Resample
-    """A resampler to 16 kHz whose sinc kernel is built once per source rate."""
-    import torchaudio.transforms
-
-    return torchaudio.transforms.Resample(orig_sr, SAMPLE_RATE)
-
-
 def to_mono_16k(audio: np.ndarray, sr: int) -> np.ndarray:
     """Average the channels and resample to 16 kHz; returns float32 [frames]."""
     mono = downmix(audio)
     if sr == SAMPLE_RATE:
         return mono
-    import torch
-
-    with torch.inference_mode():
-        return _resampler(int(sr))(torch.from_numpy(mono)).numpy()
+    return soxr.resample(mono, sr, SAMPLE_RATE, quality="HQ")
 
 
 def to_pcm16(wave: np.ndarray) -> np.ndarray:

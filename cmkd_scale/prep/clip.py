@@ -85,9 +85,6 @@ def process_clip(job: ClipJob) -> ClipResult:
 
 
 def init_worker() -> None:
-    """Decoder process setup: one torch thread per process (processes are the parallelism)."""
+    """Decoder process setup (nothing here imports torch: a decoder process stays small)."""
     global _in_decoder_process
-    import torch
-
-    torch.set_num_threads(1)
     _in_decoder_process = True
