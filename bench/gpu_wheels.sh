@@ -56,6 +56,7 @@ WHEELS=(
     annotated-types==0.8.0      # pydantic
     typing-inspection==0.4.5    # pydantic
     soundfile==0.14.0           # data.members, data.reference, synth, prep (bundles libsndfile)
+    soxr==1.1.0                 # prep's resampler (the GPU tests' shards come from prep)
     cffi==2.1.1                 # soundfile
     pycparser==3.12             # cffi
     typing-extensions==4.16.0   # pydantic(-core) need >= 4.16.0; the device's version is unknown
@@ -93,7 +94,9 @@ declare -A NOT_CARRIED=(
 )
 # Project dependencies gpu_check.sh does not import (left on this side on purpose):
 #   webdataset (tests only), av (prep's m4a/aac fallback; the check makes wav/flac), mlflow's
-#   server side (sqlalchemy, alembic, flask...), playwright, efficientnet-pytorch (CPU tests).
+#   server side (sqlalchemy, alembic, flask...), playwright, efficientnet-pytorch (CPU tests),
+#   numba + llvmlite (60 MiB: only the CPU graph's fused kernel; without numba the CPU graph
+#   falls back to DALI ops, and bench_loader.py records which one it measured).
 
 say() { echo "[gpu_wheels] $*"; }
 # pip, without its warnings about this machine's configured local index folders
