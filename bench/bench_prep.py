@@ -5,10 +5,10 @@ For each source the full ``run_prep`` (locate, decode, cut, downmix, resample, F
 re-decode check, tar + idx + sha256, manifest) runs in this process with one worker, and is
 compared with the reference way of AST's recipe in the same run: decode, resample to 16 kHz,
 write one 16 kHz WAV per clip (no shards, no validation).  Also prints a per-stage profile.
-"Per core" is clips per CPU-second (prep and its decoder process, torch on one thread) at
-steady state: prep runs on the first ``SMALL`` clips and on all of them (each ``REPEATS``
-times, the cheapest run counts), and the difference gives the cost per clip; what is left is
-the fixed start cost of a prep run (the decoder process importing torch, the plan, the
+"Per core" is clips per CPU-second (prep and its decoder process; the reference's torch on
+one thread) at steady state: prep runs on the first ``SMALL`` clips and on all of them (each
+``REPEATS`` times, the cheapest run counts), and the difference gives the cost per clip; what
+is left is the fixed start cost of a prep run (starting the decoder process, the plan, the
 manifest), reported apart. Wall-clock clips/s equals CPU clips/s only on an idle machine, so
 the JSON records the load average too.
 
@@ -150,8 +150,8 @@ def bench_source(fmt: str, num_clips: int, work: Path) -> dict:
             progress_every_s=1e9,
         )  # fmt: skip
 
-    # each run REPEATS times, the cheapest counts: the start cost (a spawned interpreter
-    # importing torch) varies by a second from run to run on a shared machine
+    # each run REPEATS times, the cheapest counts: the start cost (a spawned interpreter, the
+    # plan, the manifest) varies from run to run on a shared machine
     small = [timed(prep, subset_csv(csv_path, SMALL), f"shards_small{i}") for i in range(REPEATS)]
     full = [timed(prep, csv_path, f"shards{i}") for i in range(REPEATS)]
     _, small_wall, small_cpu = min(small, key=lambda r: r[2])

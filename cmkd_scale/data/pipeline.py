@@ -46,8 +46,8 @@ PREEMPHASIS = 0.97
 LOG_FLOOR = math.log(float(np.finfo(np.float32).eps))  # Kaldi's log(max(x, eps))
 HANN = np.hanning(WINDOW).astype(np.float32).tolist()  # symmetric, as Kaldi's "hanning"
 
+FRAMINGS = ("auto", "fused", "ops")  # FeatureSpec.framing
 # Layout of the arrays the training source feeds per sample (see ``TrainLoader.step_inputs``).
-FRAMINGS = ("auto", "fused", "ops")
 SAMPLED_OUTPUTS = ("audio", "partner", "mix", "erase_anchor", "erase_shape", "labels", "index")
 
 
@@ -144,10 +144,11 @@ def kaldi_fbank(wave, length, num_mel_bins: int, *, scale: float = 1.0, shift: f
 
 def fused_fbank(wave, num_mel_bins: int, *, scale: float, shift: float, partner=None, mix=None):
     """The CPU graph: one compiled kernel (``kaldi_frames``) mixes, frames, removes each
-    frame's mean and pre-emphasises; then spectrogram, mel and log as in ``kaldi_fbank``."""
+    frame's mean, pre-emphasises and windows; then ``fn.power_spectrum`` (no spectrogram: the
+    window is applied), and mel and log as in ``kaldi_fbank``."""
     inputs = (wave, partner, mix) if partner is not None else (wave,)
     frames, *_scratch = _frames_op(len(inputs))(*inputs)
-    # [T, 257] power of the zero-padded 512-point FFT of every frame (the window is applied)
+    # [T, 257] power of the zero-padded 512-point FFT of every frame
     spectrum = fn.reshape(fn.power_spectrum(frames, nfft=NFFT, axis=1), layout="tf")
     return _log(_mel(spectrum, num_mel_bins), scale, shift)
 

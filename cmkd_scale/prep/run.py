@@ -240,8 +240,8 @@ def run_task(
     total = sum(len(plan.shard_range(j)) for j in pending)
     work = None
     # Decoding always runs in child processes, also for one worker: a decoder crash costs the
-    # clip that caused it (recorded in failed.csv), never this process.  They start (a few
-    # seconds: torch) while the audio folder is indexed.
+    # clip that caused it (recorded in failed.csv), never this process.  They start (under a
+    # second each) while the audio folder is indexed.
     try:
         with DecoderPool(workers, timeout_s=decode_timeout_s) as pool:
             index = AudioIndex.scan(Path(audio_dir))
