@@ -117,7 +117,7 @@ def case_overrides(case: str, size: Size, shards: Path, run_dir: Path, stage: in
         "data.mixup=0.5",  # AST's AudioSet recipe: mixup + SpecAugment in the loader
         f"data.freqm={min(48, size.target_length // 8)}",
         f"data.timem={min(192, size.target_length // 5)}",
-        f"data.shuffle_buffer={min(1000, size.clips)}",
+        "data.shuffle_shards=16",  # the default: 16 shards shuffled together
         f"data.num_threads={4 if torch.cuda.is_available() else 1}",
         "data.device=auto",
         "optim.warmup_steps=0",

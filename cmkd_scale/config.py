@@ -65,9 +65,10 @@ class DataConfig:
     mixup: float = 0.5  # probability that a training clip is mixed with another
     mixup_alpha: float = 10.0  # lambda ~ Beta(alpha, alpha)
     balanced: bool = False  # draw with replacement by AST's per-clip weights
-    # training shuffle window in samples: each epoch permutes the shards, then shuffles within
-    # windows of this size (reads stay within a few shards); 0 = a full per-epoch permutation
-    shuffle_buffer: int = 1000
+    # training shuffle: each epoch permutes the shards, then permutes the samples of each group
+    # of this many shards together (every window mixes several shards, whatever order they
+    # were written in; reads stay within the group); 0 = a full per-epoch permutation
+    shuffle_shards: int = 16
     num_threads: int = 4
     prefetch: int = 2
     corrupt_policy: Literal["error", "skip"] = "error"
@@ -78,6 +79,7 @@ class DataConfig:
         _check(self.norm_std > 0, "data.norm_std", "must be > 0")
         _check(0.0 <= self.mixup <= 1.0, "data.mixup", "is a probability in [0, 1]")
         _check(self.freqm >= 0 and self.timem >= 0, "data.freqm/timem", "must be >= 0")
+        _check(self.shuffle_shards >= 0, "data.shuffle_shards", "must be >= 0 (0 = full shuffle)")
 
 
 @dataclass(kw_only=True)
@@ -274,6 +276,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {hint}")
 
 
+# Keys that were replaced, with what to write instead.
+RENAMED = {
+    "data.shuffle_buffer": "use data.shuffle_shards (how many whole shards are shuffled "
+    "together; 0 = a full per-epoch permutation)",
+}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix}': expected a mapping, got {data!r}")
@@ -283,6 +292,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
+            if dotted in RENAMED:
+                raise ConfigError(f"config key '{dotted}' is gone: {RENAMED[dotted]}")
             near = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key '{dotted}' (known here: {near})")
         hint = hints[key]

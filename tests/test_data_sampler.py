@@ -54,18 +54,47 @@ def test_order_is_reshuffled_each_epoch_and_fixed_by_the_seed():
     assert _sampler(seed=8).epoch_order(2).tolist() != orders[2]
 
 
-def test_shuffle_window_keeps_reads_inside_few_shards():
-    """A window of one shard's size: each window holds one shard's samples (shards permuted)."""
-    s = _sampler(shard_sizes=[4] * 6, shuffle_window=4)
+def test_shuffle_groups_keep_reads_inside_few_shards():
+    """Groups of two shards: each window of 8 samples holds exactly two shards' samples, the
+    grouping changes from epoch to epoch, and every sample appears once."""
+    s = _sampler(shard_sizes=[4] * 6, shuffle_shards=2)
     shard_of = np.repeat(np.arange(6), 4)
-    first_shards = []
-    for epoch in range(3):
+    groupings = set()
+    for epoch in range(4):
         order = s.epoch_order(epoch)
-        windows = shard_of[order].reshape(6, 4)
-        assert all(len(set(w.tolist())) == 1 for w in windows)
         assert sorted(order.tolist()) == list(range(24))
-        first_shards.append(int(windows[0, 0]))
-    assert len(set(first_shards)) > 1 or s.epoch_order(0).tolist() != s.epoch_order(1).tolist()
+        windows = shard_of[order].reshape(3, 8)
+        groups = [frozenset(w.tolist()) for w in windows]
+        assert all(len(g) == 2 for g in groups)
+        assert all(
+            sorted(np.bincount(w, minlength=6)[sorted(g)]) == [4, 4]
+            for w, g in zip(windows, groups, strict=True)
+        )
+        groupings.add(frozenset(groups))
+    assert len(groupings) > 1
+
+
+def test_each_window_mixes_shards_written_in_class_order():
+    """Shards that each hold one class (a class-sorted list packed in input order): with the
+    default group of shards every batch mixes classes like a full permutation does."""
+    sizes = [25] * 12  # 12 one-class shards of 25 clips
+    cls = np.repeat(np.arange(12), 25)
+
+    def mean_classes_per_batch(shuffle_shards: int) -> float:
+        s = _sampler(shard_sizes=sizes, micro_batch=10, world=1, shuffle_shards=shuffle_shards)
+        per_batch = [len(set(cls[p.index].tolist())) for e in range(3) for p in s.plans(e)]
+        return float(np.mean(per_batch))
+
+    full = mean_classes_per_batch(0)
+    assert mean_classes_per_batch(16) == pytest.approx(full, rel=0.05)
+    assert mean_classes_per_batch(12) == pytest.approx(full, rel=0.05)
+    one_shard = mean_classes_per_batch(1)  # the old failure: windows of one shard
+    assert one_shard < 0.4 * full
+
+
+def test_negative_shuffle_shards_is_refused():
+    with pytest.raises(ValueError, match="shuffle_shards"):
+        _sampler(shuffle_shards=-1)
 
 
 def test_plans_are_pure_functions_of_seed_epoch_rank_step():

@@ -135,7 +135,7 @@ class TrainLoader:
             seed=seed,
             augment=self.augment,
             weights=self.shards.weights() if cfg.balanced else None,
-            shuffle_window=cfg.shuffle_buffer,
+            shuffle_shards=cfg.shuffle_shards,
         )
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.reader = MemberReader(self.shards)

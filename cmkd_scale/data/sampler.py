@@ -15,13 +15,17 @@ Random numbers come from keyed generators: each draw's generator is built from a
 counter = position), never from state carried between steps, so any step can be planned
 without replaying the steps before it.
 
-Shuffling (``balanced=False``): every epoch the shard order is permuted, the samples are laid
-out in that order and then permuted within consecutive windows of ``shuffle_window`` samples
-(``0`` = one window = a full permutation of the epoch). Random access makes a full permutation
-cheap to compute; the trade-off is I/O locality: a full permutation reads single members from
-all shards in random order (fine on local disks and page cache), while a window of a few
-shards' worth keeps every step's reads inside a few tars (friendlier to object stores at the
-cost of a weaker shuffle). The epoch's global order is cut into steps of
+Shuffling (``balanced=False``): every epoch the shard order is permuted, the permuted shards are
+cut into groups of ``shuffle_shards`` consecutive shards, and each group's samples are permuted
+together (``0`` = one group = a full permutation of the epoch). Every window of the order thus
+mixes the samples of several shards, so shards that each hold few classes (a class-sorted list
+packed in input order, or shards written by other tools) still give class-diverse batches.
+Random access makes a full permutation cheap to compute; the trade-off is I/O locality: a full
+permutation reads single members from all shards in random order (fine on local disks and page
+cache), while a group of a few shards keeps every step's reads inside those tars (friendlier
+to object stores and to the page cache of a large set).
+
+The epoch's global order is cut into steps of
 ``world_size * micro_batch`` samples and rank ``r`` takes the ``r``-th ``micro_batch`` of each,
 so ranks are disjoint and together read ``steps_per_epoch * world_size * micro_batch`` samples;
 ``steps_per_epoch = num_samples // (world_size * micro_batch)`` (the remainder, different every
@@ -117,7 +121,7 @@ class TrainSampler:
         seed: int,
         augment: AugmentSpec,
         weights: np.ndarray | None = None,
-        shuffle_window: int = 0,
+        shuffle_shards: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -131,7 +135,9 @@ class TrainSampler:
         self.seed = seed
         self.augment = augment
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
-        self.shuffle_window = shuffle_window
+        if shuffle_shards < 0:
+            raise ValueError("shuffle_shards must be >= 0 (0 = a full permutation)")
+        self.shuffle_shards = shuffle_shards
         self.steps_per_epoch = self.num_samples // (world_size * micro_batch)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -147,17 +153,16 @@ class TrainSampler:
     # ------------------------------------------------------------------ sample order
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The epoch's global sample order (not balanced): shard order + windowed shuffle."""
+        """The epoch's global sample order (not balanced): shard order + per-group shuffle."""
         starts = np.cumsum([0, *self.shard_sizes])
         shard_order = keyed_rng(self.seed, epoch, _SHARD_ORDER).permutation(len(self.shard_sizes))
-        order = np.concatenate(
-            [np.arange(starts[s], starts[s + 1], dtype=np.int64) for s in shard_order]
-        )
-        window = self.shuffle_window if self.shuffle_window > 0 else len(order)
+        group = self.shuffle_shards if self.shuffle_shards > 0 else len(shard_order)
         rng = keyed_rng(self.seed, epoch, _WINDOW_SHUFFLE)
-        for lo in range(0, len(order), window):
-            order[lo : lo + window] = rng.permutation(order[lo : lo + window])
-        return order
+        windows = []
+        for lo in range(0, len(shard_order), group):
+            members = [np.arange(starts[s], starts[s + 1]) for s in shard_order[lo : lo + group]]
+            windows.append(rng.permutation(np.concatenate(members).astype(np.int64)))
+        return np.concatenate(windows)
 
     def _rank_indices(self, epoch: int) -> np.ndarray:
         """This rank's samples for the whole epoch, [steps_per_epoch, micro_batch]."""
