@@ -195,7 +195,7 @@ use_site() {
     local purelib libs
     export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
     purelib=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    # tests/test_train_run.py starts the trainer with PYTHONPATH=<repo> only
+    # tests/fixtures/train.py starts the trainer with PYTHONPATH=<repo> only
     if printf 'import sys; sys.path.insert(0, "%s")\n' "$SITE" > "$purelib/cmkd_gpu_site.pth"; then
         PTH="$purelib/cmkd_gpu_site.pth"
     else
@@ -291,7 +291,7 @@ fi
 GPU_TESTS=(tests/)
 if [[ -n "$PYTHON" ]]; then
     # the gpu-marked files whose imports (and their tests/ helpers') this python has
-    mapfile -t marked < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+    mapfile -t marked < <(grep -rl --include='test_*.py' "pytest.mark.gpu" tests | sort)
     mapfile -t GPU_TESTS < <("$PY" - "$LOG" "${marked[@]}" <<'EOF'
 """Print the test files this interpreter can import; log the others with what they lack."""
 import ast
@@ -299,11 +299,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
-sys.path[:0] = ["tests", "."]
+sys.path[:0] = ["."]
 
 
 def lacks(path: Path, seen: set[Path]) -> set[str]:
-    """Top-level modules imported by path (and by the tests/ modules it imports) not found."""
+    """Top-level modules imported by path (and by the tests.* modules it imports) not found."""
     seen.add(path)
     out = set()
     for node in ast.parse(path.read_text()).body:
@@ -313,19 +313,28 @@ def lacks(path: Path, seen: set[Path]) -> set[str]:
             names = [node.module]
         else:
             continue
-        for top in {n.split(".")[0] for n in names}:
-            local = Path("tests") / f"{top}.py"
-            if local.is_file():
+        for name in names:
+            local = Path(*name.split(".")).with_suffix(".py")
+            if name.startswith("tests.") and local.is_file():
                 out |= set() if local in seen else lacks(local, seen)
-            elif importlib.util.find_spec(top) is None:
-                out.add(top)
+            elif importlib.util.find_spec(name.split(".")[0]) is None:
+                out.add(name.split(".")[0])
     return out
+
+
+def registered() -> list[Path]:
+    """The fixture modules tests/conftest.py registers for every test (its pytest_plugins)."""
+    for node in ast.parse(Path("tests/conftest.py").read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "pytest_plugins":
+            names = ast.literal_eval(node.value)
+            return [Path(*n.split(".")).with_suffix(".py") for n in names]
+    return []
 
 
 log, files = sys.argv[1], sys.argv[2:]
 with open(log, "a") as fh:
     for f in files:
-        missing = lacks(Path(f), set())
+        missing = set().union(lacks(Path(f), set()), *(lacks(p, set()) for p in registered()))
         if missing:
             print(f"gpu_tests: {f} left out: {sys.executable} lacks {sorted(missing)}", file=fh)
         else:

@@ -61,7 +61,7 @@ WHEELS=(
     pycparser==3.12             # cffi
     typing-extensions==4.16.0   # pydantic(-core) need >= 4.16.0; the device's version is unknown
     # mlflow's client: cmkd_scale.train imports cmkd_scale.tracking (-> mlflow) even with
-    # tracking.enabled=false, and tests/test_tracking_local.py holds a gpu test
+    # tracking.enabled=false, and tests/tracking/test_local.py holds a gpu test
     mlflow-skinny==3.17.2       # pyproject: mlflow>=3.17,<3.18 (its client part)
     protobuf==7.36.2            # mlflow's generated code; the device's version is unknown
     cachetools==7.3.3           # mlflow

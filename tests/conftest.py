@@ -1,4 +1,9 @@
-"""Shared fixtures. Real components everywhere; tiny sizes so the suite fits 2 CPU cores."""
+"""Shared fixtures. Real components everywhere; tiny sizes so the suite fits 2 CPU cores.
+
+Test folders mirror the packages of cmkd_scale/. The fixtures that several folders use live in
+tests/fixtures/ and are registered here once, so a test names a fixture as an argument and
+never imports it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,13 @@ import os
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = [
+    "tests.fixtures.data",  # synth_shards, shard_copy: prep-made shards
+    "tests.fixtures.mlflow_server",  # mlflow_server: a real tracking server
+    "tests.fixtures.slurm",  # slurm_cluster: a real one-machine SLURM cluster
+    "tests.fixtures.train",  # data: shards for the end-to-end trainer runs
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CMKD_SHARED_DATA", ROOT.parent / "shared" / "data"))

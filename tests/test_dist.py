@@ -6,9 +6,9 @@ import json
 import sys
 
 import pytest
-from fixtures_slurm import SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
 
 from cmkd_scale.dist import DistEnvError, resolve_dist_env, slurm_master_port
+from tests.fixtures.slurm import SlurmCluster
 
 
 def test_torchrun_variables_are_taken_as_they_are() -> None:
@@ -75,7 +75,7 @@ _PROBE = (
 
 
 @pytest.mark.slurm
-def test_srun_tasks_on_two_nodes_get_ranks_and_a_master(slurm_cluster: SlurmCluster) -> None:  # noqa: F811
+def test_srun_tasks_on_two_nodes_get_ranks_and_a_master(slurm_cluster: SlurmCluster) -> None:
     """A real 2-node srun: ranks from SLURM_PROCID, MASTER_ADDR via `scontrol show hostnames`."""
     proc = slurm_cluster.run(
         "srun", "--nodes=2", "--ntasks-per-node=1", sys.executable, "-c", _PROBE, timeout=180
