@@ -52,8 +52,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def make_shards(folder: Path, *, clips: int, duration_s: float, shard_size: int = 64) -> Path:
     """``clips`` synthetic AudioSet-format clips through the real prep; the shard folder."""
+    from cmkd_scale.demo.synth import make_synthetic_audioset
     from cmkd_scale.prep import run_prep
-    from cmkd_scale.synth import make_synthetic_audioset
 
     out = folder / "shards"
     if (out / "manifest.json").is_file():

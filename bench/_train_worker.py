@@ -33,11 +33,12 @@ import _common  # noqa: F401  (puts the project on sys.path)
 import torch
 from _flops import flop_counter
 
-from cmkd_scale import dist, engine
+from cmkd_scale import dist
 from cmkd_scale.config import load_config
 from cmkd_scale.data.loader import Batch
 from cmkd_scale.logs import setup_logging
-from cmkd_scale.train import Trainer
+from cmkd_scale.train import engine
+from cmkd_scale.train.trainer import Trainer
 
 log = logging.getLogger("bench.train_worker")
 

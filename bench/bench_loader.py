@@ -50,8 +50,8 @@ from cmkd_scale.data.manifest import ShardSet  # noqa: E402
 from cmkd_scale.data.members import MemberReader  # noqa: E402
 from cmkd_scale.data.pipeline import DaliRunner, FeatureSpec  # noqa: E402
 from cmkd_scale.data.reference import ReferenceDataset, decode, kaldi_fbank  # noqa: E402
+from cmkd_scale.demo.synth import make_synthetic_audioset  # noqa: E402
 from cmkd_scale.prep import run_prep  # noqa: E402
-from cmkd_scale.synth import make_synthetic_audioset  # noqa: E402
 
 GOAL = 0.5  # ours / reference CPU time per clip
 

@@ -36,6 +36,7 @@ import torchaudio.functional as taf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cmkd_scale.demo.synth import bundled_class_labels  # noqa: E402
 from cmkd_scale.prep import run_prep  # noqa: E402
 from cmkd_scale.prep.audio_io import (  # noqa: E402
     check_flac,
@@ -44,7 +45,6 @@ from cmkd_scale.prep.audio_io import (  # noqa: E402
     to_mono_16k,
     to_pcm16,
 )
-from cmkd_scale.synth import bundled_class_labels  # noqa: E402
 
 SOURCES = {"wav": (44100, 2), "mp3": (32000, 1)}  # format -> (rate, channels)
 CLIP_S = 10.0

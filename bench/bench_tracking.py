@@ -37,7 +37,8 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 
 from cmkd_scale.config import load_config  # noqa: E402
-from cmkd_scale.tracking import bound_http, make_tracker  # noqa: E402
+from cmkd_scale.tracking import make_tracker  # noqa: E402
+from cmkd_scale.tracking.remote import bound_http  # noqa: E402
 
 KEYS = ["loss", "label_loss", "kd_loss", "lr", "grad_norm", "clips_per_s", "data_wait_frac",
         "teacher_ms", "epoch"]  # fmt: skip

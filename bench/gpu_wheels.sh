@@ -49,7 +49,7 @@ WHEELS=(
     makefun==1.16.0             # DALI
     nvtx==0.2.17                # DALI (the Python nvtx package, not nvidia-nvtx)
     libcst==1.9.0               # DALI
-    deepspeed==0.19.8           # pyproject pin: cmkd_scale.engine (built here from the sdist)
+    deepspeed==0.19.8           # pyproject pin: cmkd_scale.train.engine (built here from the sdist)
     hjson==3.1.0                # DeepSpeed
     pydantic==2.14.4            # DeepSpeed (its config classes)
     pydantic-core==2.50.5       # pydantic (exact pair)
@@ -60,8 +60,8 @@ WHEELS=(
     cffi==2.1.1                 # soundfile
     pycparser==3.12             # cffi
     typing-extensions==4.16.0   # pydantic(-core) need >= 4.16.0; the device's version is unknown
-    # mlflow's client: cmkd_scale.train imports cmkd_scale.tracking (-> mlflow) even with
-    # tracking.enabled=false, and tests/tracking/test_local.py holds a gpu test
+    # mlflow's client: tests/tracking/test_local.py holds a gpu test (the trainer imports
+    # mlflow only with tracking.enabled=true, through cmkd_scale.tracking.remote)
     mlflow-skinny==3.17.2       # pyproject: mlflow>=3.17,<3.18 (its client part)
     protobuf==7.36.2            # mlflow's generated code; the device's version is unknown
     cachetools==7.3.3           # mlflow

@@ -183,3 +183,18 @@ def all_gather_objects(obj: object) -> list[object]:
 def destroy() -> None:
     if is_initialized():
         torch_dist.destroy_process_group()
+
+
+def set_cpu_threads(device: torch.device) -> None:
+    """On CPU, split the cores between the ranks of this node unless OMP_NUM_THREADS says.
+
+    Two ranks with torch's default thread count each oversubscribe the cores; measured here, an
+    EfficientNet forward went from ~0.3 s to 7-10 s.
+    """
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return
+    local_world = int(
+        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // max(1, local_world)))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from cmkd_scale.data.features import main
 from cmkd_scale.data.manifest import ShardSet
 from cmkd_scale.data.members import MemberReader
 from cmkd_scale.data.reference import decode, kaldi_fbank, pad_or_crop
-from cmkd_scale.features import main
 from tests.fixtures.data import NUM_CLIPS
 
 TOLERANCE = 0.05

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import soundfile as sf
 
-from cmkd_scale.synth import bundled_class_labels, make_synthetic_audioset
+from cmkd_scale.demo.synth import bundled_class_labels, make_synthetic_audioset
 
 
 def test_bundled_index_is_audioset_527():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmkd_scale.config import DistillConfig
-from cmkd_scale.distill import DistillLoss
+from cmkd_scale.distill.loss import DistillLoss
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

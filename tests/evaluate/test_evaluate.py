@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cmkd_scale.checkpoint import atomic_torch_save, load_export
 from cmkd_scale.config import load_config
-from cmkd_scale.evaluate import assemble, average_weights, score, wa_paths
+from cmkd_scale.evaluate.averaging import average_weights, wa_paths
+from cmkd_scale.evaluate.scoring import assemble, score
 from cmkd_scale.models import build_model
+from cmkd_scale.models.exported import atomic_torch_save, load_export
 
 
 def _parts(order: list[list[int]], width: int = 3) -> list[tuple[np.ndarray, ...]]:

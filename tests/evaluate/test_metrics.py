@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cmkd_scale.metrics import compute_stats, summarize
+from cmkd_scale.evaluate.metrics import compute_stats, summarize
 
 
 def random_set(clips: int = 200, classes: int = 6, seed: int = 0):

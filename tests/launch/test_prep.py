@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cmkd_scale.synth import make_synthetic_audioset
+from cmkd_scale.demo.synth import make_synthetic_audioset
 from tests.fixtures.slurm import LAUNCH, ROOT, SlurmCluster
 
 pytestmark = pytest.mark.slurm

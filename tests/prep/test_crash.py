@@ -23,9 +23,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cmkd_scale.demo.synth import bundled_class_labels
 from cmkd_scale.prep import WorkerDied, decoders, run_prep, verify
 from cmkd_scale.prep.clip import ClipJob, process_clip
-from cmkd_scale.synth import bundled_class_labels
 from tests.fixtures.prep import (
     DOG,
     MUSIC,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cmkd_scale.demo.synth import bundled_class_labels
 from cmkd_scale.prep.locate import AudioIndex
 from cmkd_scale.prep.segments import (
     SegmentsError,
@@ -13,7 +14,6 @@ from cmkd_scale.prep.segments import (
     read_class_index,
     read_segments,
 )
-from cmkd_scale.synth import bundled_class_labels
 from tests.fixtures.prep import DOG, MUSIC, SPEECH, write_segments_csv
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from cmkd_scale.demo.synth import bundled_class_labels
 from cmkd_scale.prep import FinalizeError, PlanError, finalize, run_prep
 from cmkd_scale.prep.cli import slurm_array_task
-from cmkd_scale.synth import bundled_class_labels
 from tests.fixtures.prep import (
     DOG,
     MUSIC,

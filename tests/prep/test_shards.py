@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from cmkd_scale.demo.synth import bundled_class_labels
 from cmkd_scale.prep import SegmentsError, run_prep, verify
-from cmkd_scale.synth import bundled_class_labels
 from tests.fixtures.prep import (
     CAR,
     DOG,

@@ -9,10 +9,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from cmkd_scale import export, infer
 from cmkd_scale.config import Config, DataConfig, ModelConfig
 from cmkd_scale.data.reference import ast_features
 from cmkd_scale.models import build_model
+from cmkd_scale.serve import infer
+from cmkd_scale.serve import onnx_export as export
 
 NAMES = ["dog", "cat", "rain", "siren"]
 TARGET = 100  # 1 s windows keep the CPU cost small

@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 
 from cmkd_scale.config import load_config
 from cmkd_scale.tracking import make_tracker
-from cmkd_scale.tracking_journal import read_journal
-from cmkd_scale.tracking_upload import upload
+from cmkd_scale.tracking.journal import read_journal
+from cmkd_scale.tracking.upload import upload
 from tests.fixtures.mlflow_server import free_port, start_server
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cmkd_scale import plots, sysinfo
 from cmkd_scale.config import load_config
-from cmkd_scale.tracking import MlflowTracker, Tracker, make_tracker
-from cmkd_scale.tracking import main as tracking_main
-from cmkd_scale.tracking_journal import JournalError, read_journal
-from cmkd_scale.tracking_upload import UploadError, upload
+from cmkd_scale.tracking import Tracker, make_tracker, plots, sysinfo
+from cmkd_scale.tracking.__main__ import main as tracking_main
+from cmkd_scale.tracking.journal import JournalError, read_journal
+from cmkd_scale.tracking.mlflow_tracker import MlflowTracker
+from cmkd_scale.tracking.upload import UploadError, upload
 from tests.fixtures.mlflow_server import free_port
 
 CLASSES = [f"class {i}" for i in range(8)]

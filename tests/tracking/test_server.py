@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cmkd_scale.tracking_journal import read_journal
+from cmkd_scale.tracking.journal import read_journal
 from tests.fixtures.mlflow_server import ROOT, free_port, run_driver
 from tests.tracking.mlflow_driver import CLASS_NAMES
 

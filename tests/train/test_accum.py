@@ -64,7 +64,7 @@ def _keys_per_step(run_dir: Path, micro_per_step: int) -> dict[int, list[str]]:
 
 
 def _student(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    from cmkd_scale.engine import consolidated_fp32_state_dict, ds_env_defaults
+    from cmkd_scale.train.engine import consolidated_fp32_state_dict, ds_env_defaults
 
     ds_env_defaults()
     return consolidated_fp32_state_dict(run_dir / "checkpoints", tag, zero_stage=2)
@@ -136,7 +136,7 @@ def test_grad_accum_update_equals_the_one_of_twice_the_micro_batch(accum_runs: d
 
 def test_skipping_nonfinite_batches_is_refused_with_grad_accum() -> None:
     """A skipped micro-batch would shift every later accumulation boundary: refused up front."""
-    from cmkd_scale.train import Trainer
+    from cmkd_scale.train.trainer import Trainer
 
     cfg = load_config(None, ["run.nonfinite_loss=skip", "deepspeed.grad_accum=2"])
     with pytest.raises(ConfigError, match=r"run\.nonfinite_loss=stop, or deepspeed\.grad_accum=1"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cmkd_scale.config import OptimConfig, TeacherConfig, load_config
-from cmkd_scale.engine import deepspeed_config
-from cmkd_scale.schedule import decay_factor, lr_factor, make_scheduler
-from cmkd_scale.teacher import FrozenTeacher, build_teacher
+from cmkd_scale.distill.teacher import FrozenTeacher, build_teacher
+from cmkd_scale.train.engine import deepspeed_config
+from cmkd_scale.train.schedule import decay_factor, lr_factor, make_scheduler
 
 
 def test_step_decay_matches_ast_multisteplr() -> None:

@@ -174,10 +174,10 @@ def test_eval_gathers_every_clip_once_and_matches_sklearn(
 
 def test_zero3_export_reproduces_the_trainer_eval(zero3_run: Path, data: dict[str, Path]) -> None:
     """The consolidated fp32 export of a ZeRO-3 run loads strictly and predicts the same."""
-    from cmkd_scale.checkpoint import load_export
     from cmkd_scale.config import from_dict
     from cmkd_scale.data import EvalLoader
-    from cmkd_scale.evaluate import build_student, predict_local
+    from cmkd_scale.evaluate.scoring import predict_local
+    from cmkd_scale.models.exported import build_student, load_export
 
     payload = load_export(zero3_run / "models" / "final.pt")
     assert payload["source_checkpoint"] == "epoch-002"
@@ -195,7 +195,7 @@ def test_zero3_export_reproduces_the_trainer_eval(zero3_run: Path, data: dict[st
 
 
 def test_weight_averaging_and_ensemble_commands(zero3_run: Path) -> None:
-    from cmkd_scale.checkpoint import load_export
+    from cmkd_scale.models.exported import load_export
 
     models = zero3_run / "models"
     wa = run_cmd([sys.executable, "-m", "cmkd_scale.evaluate", "--wa", str(zero3_run)])
@@ -275,7 +275,7 @@ def test_teacher_gets_no_gradients_and_stays_unchanged_in_the_trainer(
     data: dict[str, Path], teacher_run: Path, tmp_path: Path, in_process_rank: None
 ) -> None:
     from cmkd_scale.config import load_config
-    from cmkd_scale.train import Trainer
+    from cmkd_scale.train.trainer import Trainer
 
     overrides = train_args(tmp_path / "run", data, "run.max_steps=3")[4:]
     overrides.append(f"teacher.checkpoint={teacher_run / 'models/final.pt'}")

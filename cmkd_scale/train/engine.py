@@ -19,7 +19,7 @@ from torch import nn
 
 from cmkd_scale import dist
 from cmkd_scale.config import Config
-from cmkd_scale.schedule import make_scheduler
+from cmkd_scale.train.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ _SLURM_TAGS = {
 
 def git_commit(repo: Path | None = None) -> str:
     """HEAD commit of the source checkout (with ``-dirty`` when modified), or ``unknown``."""
-    repo = repo or Path(__file__).resolve().parents[1]
+    repo = repo or Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],

@@ -1,71 +1,37 @@
-"""Train a student (with or without a frozen teacher) on DeepSpeed ZeRO.
-
-    python -m cmkd_scale.train --config configs/debug_cpu.yaml [key.sub=value ...]
-    torchrun --nproc_per_node 8 -m cmkd_scale.train --config ...      # or one srun task per rank
+"""The training loop: a student (with or without a frozen teacher) on DeepSpeed ZeRO.
 
 One batch's path: TrainLoader (DALI: decode, fbank, SpecAugment, mixup) -> teacher logits on
 that same augmented batch (frozen, no grad) -> student logits (DeepSpeed engine) -> DistillLoss
 -> engine.backward/step.  Every micro-batch ends with ONE all-reduce carrying the losses, a
 non-finite flag and the preemption flag, so all ranks skip or stop at the same step.
-A run dir that holds a checkpoint is resumed automatically.
+A run dir that holds a checkpoint is resumed automatically. The command is in __main__.py.
 """
 
 from __future__ import annotations
 
-import signal
-
-# Preemption can come while the heavy imports below still run (20-60 s on a busy node): note it
-# now, so the trainer stops after its first step instead of being killed without a checkpoint.
-_EARLY_SIGNALS: list[int] = []
-if __name__ == "__main__":
-    for _signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(_signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
-
-import argparse
 import json
 import logging
-import os
+import signal
 import socket
-import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cmkd_scale import dist, engine
-from cmkd_scale.checkpoint import (
-    CheckpointManager,
-    TrainerState,
-    capture_rng,
-    copy_export,
-    epoch_tag,
-    step_tag,
-)
-from cmkd_scale.config import Config, ConfigError, load_config
+from cmkd_scale import dist
+from cmkd_scale.config import Config, ConfigError
 from cmkd_scale.dist import EXIT_REQUEUE
-from cmkd_scale.logs import setup_logging
-from cmkd_scale.train_eval import TrainEvaluator
-from cmkd_scale.train_metrics import JsonlLog, StepMeter, StepReporter
+from cmkd_scale.models.exported import copy_export, epoch_tag
+from cmkd_scale.train import engine
+from cmkd_scale.train.checkpoint import CheckpointManager, TrainerState, capture_rng, step_tag
+from cmkd_scale.train.evaluator import TrainEvaluator
+from cmkd_scale.train.nonfinite import handle_nonfinite
+from cmkd_scale.train.run_files import open_tracker, warn_config_changes, write_run_files
+from cmkd_scale.train.step_metrics import JsonlLog, StepMeter, StepReporter
 
 log = logging.getLogger(__name__)
-
-
-def _set_cpu_threads(device: torch.device) -> None:
-    """On CPU, split the cores between the ranks of this node unless OMP_NUM_THREADS says.
-
-    Two ranks with torch's default thread count each oversubscribe the cores; measured here, an
-    EfficientNet forward went from ~0.3 s to 7-10 s.
-    """
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
-        return
-    local_world = int(
-        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1
-    )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // max(1, local_world)))
 
 
 def check_supported(cfg: Config) -> None:
@@ -80,18 +46,15 @@ def check_supported(cfg: Config) -> None:
         )
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf (and run.nonfinite_loss says stop, or the skip budget is spent)."""
-
-
 class Trainer:
     """Owns the run: loaders, student engine, teacher, loss, checkpoints, tracker."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, early_signals: Sequence[int] = ()) -> None:
+        """Build everything; ``early_signals``: preemption signals seen before this ran."""
         from cmkd_scale.data import EvalLoader, TrainLoader
-        from cmkd_scale.distill import DistillLoss
+        from cmkd_scale.distill.loss import DistillLoss
+        from cmkd_scale.distill.teacher import build_teacher
         from cmkd_scale.models import build_model, load_pretrained
-        from cmkd_scale.teacher import build_teacher
 
         check_supported(cfg)
         self.cfg = cfg
@@ -102,12 +65,12 @@ class Trainer:
         self.is_main = self.env.is_main
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.stop_requested = bool(_EARLY_SIGNALS)
-        if _EARLY_SIGNALS:
+        self.stop_requested = bool(early_signals)
+        if early_signals:
             log.warning("preemption signal during start-up: stopping after the first step")
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._on_preempt)
-        _set_cpu_threads(self.device)
+        dist.set_cpu_threads(self.device)
         log.info(
             "rank %d/%d (local %d) on %s via %s, master %s:%d, device %s, %d torch threads",
             self.env.rank,
@@ -192,11 +155,13 @@ class Trainer:
             self.state = self.ckpt.load(self.engine, latest)
             if self.state.loader:
                 self.train_loader.load_state_dict(self.state.loader)
-            self._warn_config_changes(self.state.config)
+            warn_config_changes(self.state.config, cfg.to_dict())
             self.state.config = cfg.to_dict()
         self.resumed_from = latest
-        self._write_run_files(ds_json)
-        self.tracker = self._make_tracker()
+        write_run_files(cfg, self.run_dir, ds_json, is_main=self.is_main)
+        self.tracker = open_tracker(
+            cfg, self.env, self.run_dir, self.state, resumed_from=self.resumed_from
+        )
         self.metrics_log = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
         self.reporter = StepReporter(
             tracker=self.tracker,
@@ -228,56 +193,6 @@ class Trainer:
         """SIGTERM/SIGUSR1: finish the current step, then checkpoint and exit EXIT_REQUEUE."""
         log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
         self.stop_requested = True
-
-    def _write_run_files(self, ds_json: dict[str, Any]) -> None:
-        """Rank 0: the resolved config and the generated DeepSpeed JSON, in the run dir."""
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-            (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=2) + "\n")
-        dist.barrier()
-
-    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
-        now = self.cfg.to_dict()
-        for section, values in now.items():
-            for key, value in values.items():
-                before = saved.get(section, {}).get(key)
-                if before != value and not isinstance(value, tuple):
-                    log.warning(
-                        "config %s.%s changed on resume: %r -> %r", section, key, before, value
-                    )
-
-    def _make_tracker(self) -> Any:
-        """The run's tracker; a resumed run continues its MLflow run. Ranks > 0 and runs with
-        tracking disabled get the no-op tracker without importing MLflow."""
-        if not (self.is_main and self.cfg.tracking.enabled):
-            from cmkd_scale.tracker_base import Tracker
-
-            return Tracker()
-        from cmkd_scale.tracking import make_tracker
-
-        id_file = self.run_dir / "tracker_run_id"
-        run_id = self.state.tracker_run_id
-        if run_id is None and id_file.is_file():
-            run_id = id_file.read_text().strip() or None
-        tracker = make_tracker(
-            self.cfg, rank=self.env.rank, run_dir=self.run_dir, resume_run_id=run_id
-        )
-        if self.is_main:
-            self.state.tracker_run_id = tracker.run_id
-            if tracker.run_id:
-                id_file.write_text(str(tracker.run_id))
-            if run_id is None:
-                tracker.log_params(self.cfg.flat())
-            tracker.log_artifact(self.run_dir / "deepspeed.json")
-        tracker.set_tags(
-            {
-                "world_size": str(self.env.world_size),
-                "launcher": self.env.launcher,
-                "resumed_from": self.resumed_from or "",
-            }
-        )
-        return tracker
 
     # ------------------------------------------------------------------ the loop
 
@@ -363,7 +278,12 @@ class Trainer:
         flags = flags.cpu()
         self._record_samples(batch, float(parts.total.detach()))
         if flags[3] > 0:
-            self._handle_nonfinite(batch, bool(finite))
+            handle_nonfinite(
+                self.cfg, self.state, list(batch.keys), finite_here=bool(finite), ckpt=self.ckpt
+            )
+            self.tracker.log_metrics(
+                {"nonfinite_skips": self.state.nonfinite_skips}, self.state.global_step
+            )
             return None
         self.engine.backward(parts.total)
         self.engine.step()
@@ -371,35 +291,6 @@ class Trainer:
 
     def _teacher_ms(self) -> float:
         return self.teacher.last_ms if self.teacher is not None else 0.0
-
-    def _handle_nonfinite(self, batch: Any, finite_here: bool) -> None:
-        """Stop with the offending keys (default) or skip the batch on every rank."""
-        state, cfg = self.state, self.cfg
-        reports = dist.all_gather_objects(None if finite_here else list(batch.keys))
-        bad = {rank: keys for rank, keys in enumerate(reports) if keys is not None}
-        where = (
-            f"optimizer step {state.global_step + 1} (epoch {state.epoch}, "
-            f"micro-batch {state.batch_in_epoch})"
-        )
-        if cfg.run.nonfinite_loss == "stop" or state.nonfinite_skips >= cfg.run.max_nonfinite_skips:
-            budget = (
-                f"the skip budget run.max_nonfinite_skips={cfg.run.max_nonfinite_skips} is spent"
-                if cfg.run.nonfinite_loss == "skip"
-                else "set run.nonfinite_loss=skip to skip such batches"
-            )
-            raise NonFiniteLossError(
-                f"non-finite loss at {where}; clips by rank: {bad}. Check those clips and "
-                f"optim.lr; {budget}. Last good checkpoint: "
-                f"{self.ckpt.latest_tag() or 'none yet'} in {self.ckpt.ckpt_dir}"
-            )
-        state.nonfinite_skips += 1
-        log.warning(
-            "skipped non-finite loss at %s (clips %s); %d skipped so far",
-            where,
-            bad,
-            state.nonfinite_skips,
-        )
-        self.tracker.log_metrics({"nonfinite_skips": state.nonfinite_skips}, state.global_step)
 
     def _record_samples(self, batch: Any, loss: float) -> None:
         if self.samples_log is None:
@@ -515,36 +406,3 @@ class Trainer:
         self.train_loader.close()
         self.eval_loader.close()
         dist.destroy()
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cmkd_scale.train", description=__doc__)
-    p.add_argument("--config", type=Path, required=True, help="YAML preset (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the config, build the trainer, train, and close with the right status."""
-    args = _parse_args(argv)
-    setup_logging()
-    engine.ds_env_defaults()
-    # DeepSpeed calls torch.distributed functions torch has deprecated: not our users' concern
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
-    status, note = "FAILED", "crashed; resume from checkpoints/latest"
-    try:
-        code = trainer.train()
-        if code == EXIT_REQUEUE:
-            status = "KILLED"
-            note = f"preempted at step {trainer.state.global_step}; requeue resumes it"
-        else:
-            status, note = "FINISHED", f"best mAP {trainer.state.best_map:.4f}"
-        return code
-    finally:
-        trainer.close(status, note)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,7 @@
 """Resumable checkpoints: DeepSpeed state + our trainer state, a safe ``latest``, exports.
 
+The export file format itself is models/exported.py.
+
 Layout under ``run.dir``::
 
     checkpoints/<tag>/...                 DeepSpeed files (module, ZeRO partitions, schedule)
@@ -26,12 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmkd_scale import dist, engine
+from cmkd_scale import dist
 from cmkd_scale.config import Config
+from cmkd_scale.models.exported import EXPORT_FORMAT, atomic_torch_save
+from cmkd_scale.train import engine
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "cmkd_scale.student/1"
 _STEP_TAG = re.compile(r"^step-(\d+)$")
 
 
@@ -81,16 +84,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def epoch_tag(epoch: int) -> str:
-    return f"epoch-{epoch:03d}"
 
 
 def step_tag(step: int) -> str:
@@ -179,24 +172,3 @@ class CheckpointManager:
         atomic_torch_save(payload, dest)
         log.info("exported %s -> %s", tag, dest)
         return dest
-
-
-def copy_export(src: Path, dest: Path) -> None:
-    """Atomically copy an export (e.g. an epoch's student to ``best.pt``)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-
-
-def load_export(path: str | Path) -> dict[str, Any]:
-    """Read an exported student; raises with the file name when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"exported checkpoint {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise ValueError(
-            f"{path} is not a cmkd_scale export (expected keys model/config/num_classes); "
-            "export one with the trainer (models/*.pt in the run dir)"
-        )
-    return payload

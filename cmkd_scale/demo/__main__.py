@@ -30,7 +30,7 @@ from cmkd_scale.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 # The demo's CNN is timm's MobileNetV3-Small: on 2 CPU cores EfficientNet-B0 trains ~6x slower
 # (depthwise convolutions), which would not fit the 10-minute budget. The recipes use
@@ -73,7 +73,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def _make_data(out: Path, train_clips: int, eval_clips: int, workers: int) -> tuple[Path, Path]:
-    from cmkd_scale.synth import make_synthetic_audioset
+    from cmkd_scale.demo.synth import make_synthetic_audioset
 
     shards = {}
     for split, clips, seed in (("train", train_clips, 0), ("eval", eval_clips, 1)):

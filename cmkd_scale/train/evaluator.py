@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmkd_scale.evaluate import EvalResult, evaluate, save_result, score
+from cmkd_scale.evaluate.scoring import EvalResult, evaluate, save_result, score
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cmkd_scale.logs import setup_logging
-from cmkd_scale.tracking import RemoteRun, bound_http, local_artifact_location
-from cmkd_scale.tracking_journal import JournalError, RunState, read_journal, tracking_dir
+from cmkd_scale.tracking.journal import JournalError, RunState, read_journal, tracking_dir
+from cmkd_scale.tracking.remote import RemoteRun, bound_http, local_artifact_location
 
 log = logging.getLogger(__name__)
 

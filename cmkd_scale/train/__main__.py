@@ -1,0 +1,63 @@
+"""Train a student (with or without a frozen teacher) on DeepSpeed ZeRO.
+
+    python -m cmkd_scale.train --config configs/debug_cpu.yaml [key.sub=value ...]
+    torchrun --nproc_per_node 8 -m cmkd_scale.train --config ...      # or one srun task per rank
+
+The loop is in trainer.py; this module parses, builds the trainer, trains and closes.
+"""
+
+from __future__ import annotations
+
+import signal
+
+# Preemption can come while the heavy imports below still run (20-60 s on a busy node): note it
+# now, so the trainer stops after its first step instead of being killed without a checkpoint.
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_signum, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from cmkd_scale.config import load_config
+from cmkd_scale.dist import EXIT_REQUEUE
+from cmkd_scale.logs import setup_logging
+from cmkd_scale.train import engine
+from cmkd_scale.train.trainer import Trainer
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cmkd_scale.train", description=__doc__)
+    p.add_argument("--config", type=Path, required=True, help="YAML preset (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the config, build the trainer, train, and close with the right status."""
+    args = _parse_args(argv)
+    setup_logging()
+    engine.ds_env_defaults()
+    # DeepSpeed calls torch.distributed functions torch has deprecated: not our users' concern
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, early_signals=_EARLY_SIGNALS)
+    status, note = "FAILED", "crashed; resume from checkpoints/latest"
+    try:
+        code = trainer.train()
+        if code == EXIT_REQUEUE:
+            status = "KILLED"
+            note = f"preempted at step {trainer.state.global_step}; requeue resumes it"
+        else:
+            status, note = "FINISHED", f"best mAP {trainer.state.best_map:.4f}"
+        return code
+    finally:
+        trainer.close(status, note)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
