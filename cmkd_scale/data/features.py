@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cmkd_scale.config import DataConfig
-from cmkd_scale.data.loader import EvalLoader
+from cmkd_scale.data.eval_loader import EvalLoader
 from cmkd_scale.data.manifest import DataError
 from cmkd_scale.data.pipeline import FeatureSpec
 from cmkd_scale.data.stats import norm_stats

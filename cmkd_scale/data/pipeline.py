@@ -36,6 +36,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from cmkd_scale.data.source import SourceBatch
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -47,8 +49,7 @@ LOG_FLOOR = math.log(float(np.finfo(np.float32).eps))  # Kaldi's log(max(x, eps)
 HANN = np.hanning(WINDOW).astype(np.float32).tolist()  # symmetric, as Kaldi's "hanning"
 
 FRAMINGS = ("auto", "fused", "ops")  # FeatureSpec.framing
-# Layout of the arrays the training source feeds per sample (see ``TrainLoader.step_inputs``).
-SAMPLED_OUTPUTS = ("audio", "partner", "mix", "erase_anchor", "erase_shape", "labels", "index")
+_DALI_TYPES = {np.uint8: types.UINT8, np.float32: types.FLOAT, np.int64: types.INT64}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,21 +232,31 @@ def audio_pipeline(
     *,
     spec: FeatureSpec,
     device: str,
-    source: Callable | None = None,
+    source: Callable[[], SourceBatch] | None = None,
     tar_paths: list[str] | None = None,
     index_paths: list[str] | None = None,
     shard_id: int = 0,
     num_shards: int = 1,
 ):
-    """Sampled inputs (``source``, training) or ``readers.webdataset`` (eval/features)."""
-    if source is not None:
-        audio, partner, mix, anchor, shape, labels, index = fn.external_source(
-            source=source,
-            num_outputs=len(SAMPLED_OUTPUTS),
-            batch=True,
-            dtype=[types.UINT8] * 2 + [types.FLOAT] * 4 + [types.INT64],
+    """Sampled inputs (``source``: a callable returning the next ``SourceBatch``, training) or
+    ``readers.webdataset`` (eval/features)."""
+    if source is not None:  # a SourceBatch per call; its fields become named graph inputs
+        names = SourceBatch.fields()
+        inputs = dict(
+            zip(
+                names,
+                fn.external_source(
+                    source=lambda: source().arrays(),
+                    num_outputs=len(names),
+                    batch=True,
+                    dtype=[_DALI_TYPES[SourceBatch.DTYPES[name]] for name in names],
+                ),
+                strict=True,
+            )
         )
-        extra = (labels, index, mix)
+        audio, partner, mix = inputs["audio"], inputs["partner"], inputs["mix"]
+        anchor, shape = inputs["erase_anchor"], inputs["erase_shape"]
+        extra = (inputs["labels"], inputs["index"], mix)
     else:
         audio, labels = fn.readers.webdataset(
             paths=tar_paths,
@@ -298,16 +309,6 @@ def audio_pipeline(
     return (fbank, *extra)
 
 
-def erase_regions(
-    freq_mask: np.ndarray, time_mask: np.ndarray, target_length: int, num_mel_bins: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """fn.erase anchors/shapes for one sample: the frequency band, then the time band."""
-    (f0, fw), (t0, tw) = freq_mask, time_mask
-    anchor = np.array([0, f0, t0, 0], dtype=np.float32)
-    shape = np.array([target_length, fw, tw, num_mel_bins], dtype=np.float32)
-    return anchor, shape
-
-
 class DaliRunner:
     """Builds one pipeline and returns each batch as torch tensors (on the pipeline's device)."""
 
@@ -319,7 +320,7 @@ class DaliRunner:
         batch_size: int,
         num_threads: int,
         prefetch: int = 2,
-        source: Callable | None = None,
+        source: Callable[[], SourceBatch] | None = None,
         tar_paths: list[str] | None = None,
         index_paths: list[str] | None = None,
         shard_id: int = 0,

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from cmkd_scale.config import DataConfig
-from cmkd_scale.data.loader import EvalLoader
+from cmkd_scale.data.eval_loader import EvalLoader
 from cmkd_scale.data.pipeline import FeatureSpec
 
 log = logging.getLogger(__name__)
