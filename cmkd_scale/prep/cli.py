@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from ..logs import setup_logging
+from .config import DEFAULT_ORDER_SEED, DEFAULT_SHARD_SIZE, FORMATS, FSD50K_SPLITS, PrepConfig
 from .decoders import DEFAULT_TIMEOUT_S
 from .manifest import FinalizeError, finalize
 from .plan import PlanError
-from .run import DEFAULT_SHARD_SIZE, WorkerDied, run_prep
+from .run import WorkerDied, run_prep
 from .segments import SegmentsError
 from .verify import verify
 
@@ -25,7 +26,23 @@ other commands:
 
 SLURM job arrays: --num-tasks/--task-id default to SLURM_ARRAY_TASK_COUNT and
 SLURM_ARRAY_TASK_ID (relative to SLURM_ARRAY_TASK_MIN); run finalize after all tasks.
+
+--format (what --segments and --class-labels are):
+  audioset  Google segment CSVs + class_labels_indices.csv
+  esc50     meta/esc50.csv (no --class-labels); --folds 1,2,3,4; --esc10
+  fsd50k    FSD50K.ground_truth/dev.csv or eval.csv + vocabulary.csv; --split train|val
+  csv       file,labels[,fold] + class names (one per line, or CSV with a name column)
 """
+
+
+def _folds(text: str) -> tuple[int, ...]:
+    try:
+        folds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,3,4, got {text!r}") from None
+    if not folds:
+        raise argparse.ArgumentTypeError("expected at least one fold, like 1,2,3,4")
+    return folds
 
 
 def slurm_array_task() -> tuple[int, int] | None:
@@ -42,8 +59,9 @@ def slurm_array_task() -> tuple[int, int] | None:
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cmkd_scale.prep",
-        description="Raw AudioSet segment CSVs + downloaded audio -> 16 kHz FLAC webdataset "
-        "shards with DALI index files, manifest.json and balanced-sampling weights.",
+        description="Raw AudioSet segment CSVs (or ESC-50, FSD50K, any CSV: --format) + "
+        "downloaded audio -> 16 kHz FLAC webdataset shards with DALI index files, "
+        "manifest.json and balanced-sampling weights.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,21 +71,56 @@ def _run_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="CSV",
-        help="Google segment CSV (repeat for several; concatenated in this order)",
+        help="Google segment CSV, or the --format's list (repeat for several; concatenated "
+        "in this order)",
     )
     p.add_argument(
         "--class-labels",
         type=Path,
-        required=True,
+        default=None,
         metavar="CSV",
-        help="class_labels_indices.csv (index,mid,display_name)",
+        help="class_labels_indices.csv (index,mid,display_name); fsd50k: vocabulary.csv; "
+        "csv: class names; esc50: not used",
     )
     p.add_argument(
         "--audio-dir",
         type=Path,
         required=True,
         metavar="DIR",
-        help="folder searched recursively for {YTID}[_{start}[_{end}]].{ext}",
+        help="folder searched recursively for {YTID}[_{start}[_{end}]].{ext} (other formats: "
+        "the file names their list gives)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="audioset",
+        help="how --segments/--class-labels are read (default audioset); see below",
+    )
+    p.add_argument(
+        "--folds",
+        type=_folds,
+        default=None,
+        metavar="1,2,3,4",
+        help="esc50/csv: keep only rows of these folds",
+    )
+    p.add_argument(
+        "--esc10", action="store_true", help="esc50: only ESC-10 rows and its 10 classes"
+    )
+    p.add_argument(
+        "--split", choices=FSD50K_SPLITS, default=None, help="fsd50k dev.csv: keep this split"
+    )
+    p.add_argument(
+        "--order-seed",
+        type=int,
+        default=DEFAULT_ORDER_SEED,
+        metavar="N",
+        help="samples are written in a pseudo-random order from this seed, so every shard "
+        f"mixes classes (default {DEFAULT_ORDER_SEED})",
+    )
+    p.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="write the samples in input order instead (shards may then hold one class each)",
     )
     p.add_argument(
         "--out",
@@ -119,6 +172,30 @@ def _task_split(args: argparse.Namespace) -> tuple[int, int]:
     return num_tasks, slurm[1]
 
 
+def config_from_args(args: argparse.Namespace) -> PrepConfig:
+    """The PrepConfig of a parsed command line (SLURM array variables fill the task split)."""
+    num_tasks, task_id = _task_split(args)
+    return PrepConfig(
+        segments=tuple(args.segments),
+        class_labels=args.class_labels,
+        audio_dir=args.audio_dir,
+        out=args.out,
+        format=args.format,
+        folds=args.folds,
+        esc10=args.esc10,
+        split=args.split,
+        order_seed=args.order_seed,
+        keep_order=args.keep_order,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        skip_bad_lines=args.skip_bad_lines,
+        decode_timeout_s=args.decode_timeout,
+        num_tasks=num_tasks,
+        task_id=task_id,
+        progress_every_s=args.progress_every,
+    )
+
+
 def _out_parser(command: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m cmkd_scale.prep {command}", description=description
@@ -153,20 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("verify: %s is consistent with its manifest", args.out)
             return 0
         args = _run_parser().parse_args(argv)
-        num_tasks, task_id = _task_split(args)
-        run_prep(
-            args.segments,
-            args.class_labels,
-            args.audio_dir,
-            args.out,
-            workers=args.workers,
-            shard_size=args.shard_size,
-            skip_bad_lines=args.skip_bad_lines,
-            num_tasks=num_tasks,
-            task_id=task_id,
-            progress_every_s=args.progress_every,
-            decode_timeout_s=args.decode_timeout,
-        )
+        run_prep(config_from_args(args))
         return 0
     except (SegmentsError, PlanError, FinalizeError, FileNotFoundError, WorkerDied) as exc:
         log.error("%s", exc)

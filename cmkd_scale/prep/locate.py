@@ -47,18 +47,21 @@ def _time_matches(token: str, seconds: float) -> bool:
 class AudioIndex:
     """YTID -> candidate files, built from a single ``os.scandir`` walk."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, by_path: bool = False) -> None:
         self.root = Path(root)
         self._by_ytid: dict[str, list[_Candidate]] = defaultdict(list)
+        # --format csv: relative path without extension -> candidates (only built for it)
+        self._by_path: dict[str, list[_Candidate]] | None = defaultdict(list) if by_path else None
         self.num_files = 0
 
     @classmethod
-    def scan(cls, root: Path) -> AudioIndex:
-        """Walk ``root`` recursively once and index every file with an audio extension."""
+    def scan(cls, root: Path, *, by_path: bool = False) -> AudioIndex:
+        """Walk ``root`` recursively once and index every file with an audio extension
+        (``by_path``: also under its path relative to ``root``, for ``find_named``)."""
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"audio dir {root} does not exist (check --audio-dir)")
-        index = cls(root)
+        index = cls(root, by_path=by_path)
         t0 = time.monotonic()
         stack = [str(root)]
         while stack:
@@ -91,6 +94,9 @@ class AudioIndex:
         self.num_files += 1
         ext_rank = _RANK[ext]
         self._by_ytid[stem].append(_Candidate(None, None, 2, ext_rank, path))
+        if self._by_path is not None:
+            rel = self.relative(path).rpartition(".")[0]
+            self._by_path[rel].append(_Candidate(None, None, 2, ext_rank, path))
         head, _, last = stem.rpartition("_")
         if head and _TIME.fullmatch(last):
             self._by_ytid[head].append(_Candidate(last, None, 1, ext_rank, path))
@@ -110,6 +116,24 @@ class AudioIndex:
             if best is None or candidate < best:
                 best = candidate
         return None if best is None else best[2]
+
+    def find_named(self, lookup: tuple[tuple[str, str], ...]) -> str | None:
+        """Best file for a whole-file segment (every format but AudioSet): the first
+        ``(name, ext)`` of ``lookup`` that has a file ``name.*`` -- anywhere under the root, or
+        at that relative path when the index was built ``by_path`` -- preferring extension
+        ``ext``, then lossless formats."""
+        table = self._by_ytid if self._by_path is None else self._by_path
+        for name, ext in lookup:
+            best: tuple[bool, int, str] | None = None
+            for c in table.get(name, ()):
+                if c.start is not None:  # "{name}_{time}" readings are AudioSet's
+                    continue
+                candidate = (c.path.rpartition(".")[2].lower() != ext, c.ext_rank, c.path)
+                if best is None or candidate < best:
+                    best = candidate
+            if best is not None:
+                return best[2]
+        return None
 
     def relative(self, path: str) -> str:
         """Path relative to the audio dir, as recorded in failed.csv and the sample JSON."""

@@ -35,7 +35,7 @@ class FinalizeError(RuntimeError):
 
 def _csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue().encode()
@@ -116,12 +116,17 @@ def finalize(out_url: str) -> dict:
             }
         )
         labels.extend(sample_labels for _, sample_labels in meta["samples"])
+    # in input order (CSV by CSV, line by line), whatever order the shards were written in
+    missing.sort(key=lambda row: row["input"])
+    failed.sort(key=lambda row: row["input"])
     weights = sample_weights(labels, num_classes)
     manifest = {
         "format": MANIFEST_FORMAT,
         "num_samples": len(labels),
         "num_classes": num_classes,
         "sample_rate": SAMPLE_RATE,
+        "input_format": plan["settings"]["input_format"],
+        "order_seed": plan["settings"]["order_seed"],
         "classes": plan["classes"],
         "class_counts": class_counts(labels, num_classes).tolist(),
         "shards": shards,

@@ -1,9 +1,12 @@
 """Which segment goes to which shard, and which task builds which shard.
 
-Shard j holds the segments at positions [j*S, (j+1)*S) of the concatenated, deduplicated list
-that have good audio, so the assignment never depends on what failed elsewhere.  Shard j is
-built by task j % K.  The plan's fingerprint (settings + the exact input files) is stored in
-``plan.json`` and in every shard's ``.meta.json`` so outputs of different inputs never mix.
+The written order is a seeded pseudo-random permutation of the concatenated, deduplicated
+segment list (``--order-seed``; ``--keep-order``: input order), so every shard mixes classes
+even when the list is sorted by label.  Shard j holds the segments at positions
+[j*S, (j+1)*S) of the written order that have good audio, so the assignment never depends on
+what failed elsewhere.  Shard j is built by task j % K.  The plan's fingerprint (settings,
+order seed included, + the exact input files) is stored in ``plan.json`` and in every shard's
+``.meta.json`` so outputs of different inputs or orders never mix.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import audio_io
-from .segments import BadLine, ClassIndex, Segment, SegmentList, read_class_index, read_segments
+from .segments import BadLine, ClassIndex, Segment
+
+if TYPE_CHECKING:
+    from .config import PrepConfig
 
 PLAN_FORMAT = "cmkd_scale.prep-plan/1"
 PLAN_FILE = "plan.json"
@@ -30,15 +36,32 @@ def canonical_json(obj: object) -> bytes:
     return (json.dumps(obj, indent=1, ensure_ascii=True) + "\n").encode()
 
 
+def written_order(keys: list[str], seed: int | None) -> list[int]:
+    """Input positions in written order: sorted by a keyed BLAKE2b hash of each sample key.
+
+    Depends only on the keys and the seed (not on numpy's RNG, not on the list's order), so
+    every worker, task and rerun computes the same permutation; ``seed=None`` keeps input order.
+    """
+    if seed is None:
+        return list(range(len(keys)))
+    secret = seed.to_bytes(8, "little")
+    ranks = [hashlib.blake2b(k.encode(), digest_size=8, key=secret).digest() for k in keys]
+    return sorted(range(len(keys)), key=lambda i: (ranks[i], i))
+
+
 @dataclass
 class Plan:
-    segments: list[Segment]
+    segments: list[Segment]  # in written order
     classes: ClassIndex
     sources: list[dict]
     bad_lines: list[BadLine]
     num_duplicates: int
     shard_size: int
     skip_bad_lines: bool
+    input_format: str = "audioset"
+    order_seed: int | None = None  # None: input order (--keep-order)
+    selection: dict = field(default_factory=dict)  # --folds / --esc10 / --split in effect
+    order: list[int] = field(default_factory=list)  # order[pos]: input position of segment pos
 
     @property
     def settings(self) -> dict:
@@ -51,7 +74,14 @@ class Plan:
             "shard_size": self.shard_size,
             "skip_bad_lines": self.skip_bad_lines,
             "class_index_sha256": self.classes.sha256,
+            "input_format": self.input_format,
+            "order_seed": self.order_seed,
+            "selection": self.selection,
         }
+
+    def input_position(self, pos: int) -> int:
+        """Where the segment written at ``pos`` stood in the input (missing/failed.csv order)."""
+        return self.order[pos] if self.order else pos
 
     @property
     def num_shards(self) -> int:
@@ -82,24 +112,33 @@ class Plan:
         }
 
 
-def make_plan(
-    segment_csvs: list[Path], class_labels: Path, *, shard_size: int, skip_bad_lines: bool
-) -> Plan:
-    """Parse the inputs and fix the segment -> shard assignment."""
-    if shard_size < 1:
-        raise PlanError(f"--shard-size must be >= 1, got {shard_size}")
-    classes = read_class_index(Path(class_labels))
-    found: SegmentList = read_segments(
-        [Path(p) for p in segment_csvs], classes, skip_bad_lines=skip_bad_lines
-    )
+def make_plan(config: PrepConfig) -> Plan:
+    """Parse the inputs of ``config`` (any --format) and fix the segment -> shard assignment."""
+    from .formats import read_inputs  # formats -> segments; plan is imported by config
+
+    classes, found = read_inputs(config)
+    order = written_order([s.key for s in found.segments], config.order)
+    selection = {
+        name: value
+        for name, value in (
+            ("folds", list(config.folds) if config.folds is not None else None),
+            ("esc10", config.esc10 or None),
+            ("split", config.split),
+        )
+        if value is not None
+    }
     return Plan(
-        found.segments,
+        [found.segments[i] for i in order],
         classes,
         found.sources,
         found.bad_lines,
         found.num_duplicates,
-        shard_size,
-        skip_bad_lines,
+        config.shard_size,
+        config.skip_bad_lines,
+        input_format=config.format,
+        order_seed=config.order,
+        selection=selection,
+        order=order,
     )
 
 

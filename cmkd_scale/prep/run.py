@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .clip import ClipJob, ClipResult
-from .decoders import DEFAULT_TIMEOUT_S, DecoderPool, WorkerDied
+from .config import DEFAULT_SHARD_SIZE, PrepConfig
+from .decoders import DecoderPool, WorkerDied
 from .locate import AudioIndex
 from .manifest import MANIFEST_FILE, finalize
 from .plan import PLAN_FILE, Plan, PlanError, canonical_json, make_plan, task_shards
@@ -28,7 +30,7 @@ from .storage import Output
 log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "cmkd_scale.prep-shard/1"
-DEFAULT_SHARD_SIZE = 1000
+__all__ = ["DEFAULT_SHARD_SIZE", "SHARD_FORMAT", "run_prep", "run_task"]
 
 
 @dataclass
@@ -37,14 +39,16 @@ class ShardWork:
 
     j: int
     jobs: list[ClipJob]
-    missing: list[Segment]
+    missing: list[int]  # positions of segments without audio
 
 
 class _EmptyShard(Exception):
     """Raised inside the spool to discard an empty tar."""
 
 
-def _segment_row(seg: Segment) -> dict:
+def _segment_row(plan: Plan, pos: int) -> dict:
+    """A missing.csv/failed.csv row; ``input`` (the input position) orders them in finalize."""
+    seg: Segment = plan.segments[pos]
     return {
         "source": seg.source,
         "line": seg.line,
@@ -52,6 +56,7 @@ def _segment_row(seg: Segment) -> dict:
         "start": seg.start,
         "end": seg.end,
         "key": seg.key,
+        "input": plan.input_position(pos),
     }
 
 
@@ -102,11 +107,12 @@ def _locate(plan: Plan, index: AudioIndex, shards: list[int]) -> Iterator[ShardW
         jobs, missing = [], []
         for pos in plan.shard_range(j):
             seg = plan.segments[pos]
-            path = index.find(seg)
+            path = index.find_named(seg.lookup) if seg.lookup else index.find(seg)
             if path is None:
-                missing.append(seg)
-            else:
-                jobs.append(ClipJob(pos, path, seg.start, seg.end))
+                missing.append(pos)
+            else:  # end None: the whole file (decode_segment cuts nothing before inf)
+                end = math.inf if seg.end is None else seg.end
+                jobs.append(ClipJob(pos, path, seg.start, end))
         yield ShardWork(j, jobs, missing)
 
 
@@ -159,7 +165,11 @@ def _write_shard(
             seg = plan.segments[job.position]
             if res.flac is None:
                 failed.append(
-                    {**_segment_row(seg), "audio": index.relative(job.path), "reason": res.error}
+                    {
+                        **_segment_row(plan, job.position),
+                        "audio": index.relative(job.path),
+                        "reason": res.error,
+                    }
                 )
                 progress.update(failed=1)
                 continue
@@ -192,49 +202,38 @@ def _write_shard(
         "bytes": size,
         "sha256": digest,
         "samples": samples,
-        "missing": [_segment_row(s) for s in work.missing],
+        "missing": [_segment_row(plan, pos) for pos in work.missing],
         "failed": failed,
     }
     out.write_bytes(f"{name}.meta.json", canonical_json(meta))
 
 
-def run_task(
-    segments: list[Path],
-    class_labels: Path,
-    audio_dir: Path,
-    out: str,
-    *,
-    workers: int = 1,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    skip_bad_lines: bool = False,
-    num_tasks: int = 1,
-    task_id: int = 0,
-    progress_every_s: float = 10.0,
-    decode_timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> tuple[Plan, Output, list[int]]:
-    """Build the shards of task ``task_id``; returns the plan, the output and shards built."""
-    if workers < 1:
-        raise PlanError(f"--workers must be >= 1, got {workers}")
-    if not decode_timeout_s > 0:
-        raise PlanError(f"--decode-timeout must be > 0 seconds, got {decode_timeout_s}")
-    plan = make_plan(segments, class_labels, shard_size=shard_size, skip_bad_lines=skip_bad_lines)
-    mine = task_shards(plan.num_shards, num_tasks, task_id)
-    output = Output(out)
+def run_task(config: PrepConfig) -> tuple[Plan, Output, list[int]]:
+    """Build the shards of task ``config.task_id``; returns the plan, the output and shards
+    built."""
+    plan = make_plan(config)
+    mine = task_shards(plan.num_shards, config.num_tasks, config.task_id)
+    output = Output(config.out)
     _claim_plan(output, plan)
     pending = pending_shards(output, mine, plan.fingerprint)
     log.info(
-        "plan %s: %d segments -> %d shards of %d; task %d/%d owns %d shards, %d already complete",
+        "plan %s: %d %s segments -> %d shards of %d (%s); task %d/%d owns %d shards, "
+        "%d already complete",
         plan.fingerprint,
         len(plan.segments),
+        config.format,
         plan.num_shards,
-        shard_size,
-        task_id,
-        num_tasks,
+        config.shard_size,
+        "input order" if config.keep_order else f"order seed {config.order_seed}",
+        config.task_id,
+        config.num_tasks,
         len(mine),
         len(mine) - len(pending),
     )
     if not pending:
-        log.info("nothing to do: all %d shards of this task are complete in %s", len(mine), out)
+        log.info(
+            "nothing to do: all %d shards of this task are complete in %s", len(mine), config.out
+        )
         return plan, output, []
     _remove_stale_temps(output, pending)
     total = sum(len(plan.shard_range(j)) for j in pending)
@@ -243,10 +242,10 @@ def run_task(
     # clip that caused it (recorded in failed.csv), never this process.  They start (under a
     # second each) while the audio folder is indexed.
     try:
-        with DecoderPool(workers, timeout_s=decode_timeout_s) as pool:
-            index = AudioIndex.scan(Path(audio_dir))
+        with DecoderPool(config.workers, timeout_s=config.decode_timeout_s) as pool:
+            index = AudioIndex.scan(config.audio_dir, by_path=config.format == "csv")
             pool.describe = _describe(plan, index)
-            progress = Progress(total, progress_every_s)
+            progress = Progress(total, config.progress_every_s)
             for work, results in _processed(_locate(plan, index, pending), pool):
                 _write_shard(output, plan, work, results, index, progress)
     except WorkerDied as exc:
@@ -262,52 +261,47 @@ def run_task(
 
 
 def run_prep(
-    segments: list[Path],
-    class_labels: Path,
-    audio_dir: Path,
-    out: str,
-    *,
-    workers: int = 1,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    skip_bad_lines: bool = False,
-    num_tasks: int = 1,
-    task_id: int = 0,
-    progress_every_s: float = 10.0,
-    decode_timeout_s: float = DEFAULT_TIMEOUT_S,
+    config: PrepConfig | list[Path] | None = None,
+    class_labels: Path | None = None,
+    audio_dir: Path | None = None,
+    out: str | None = None,
+    **options: object,
 ) -> dict:
-    """Raw AudioSet -> shards.  With one task, also finalize and return the manifest;
-    with several, return this task's summary (run ``finalize`` once all tasks are done)."""
-    plan, output, built = run_task(
-        segments,
-        class_labels,
-        audio_dir,
-        out,
-        workers=workers,
-        shard_size=shard_size,
-        skip_bad_lines=skip_bad_lines,
-        num_tasks=num_tasks,
-        task_id=task_id,
-        progress_every_s=progress_every_s,
-        decode_timeout_s=decode_timeout_s,
-    )
-    if num_tasks == 1:
+    """Raw dataset -> shards.  With one task, also finalize and return the manifest;
+    with several, return this task's summary (run ``finalize`` once all tasks are done).
+
+    Call it with a ``PrepConfig``.  The older form ``run_prep(segments, class_labels,
+    audio_dir, out, **options)`` (options named as PrepConfig's fields) builds that config.
+    """
+    if not isinstance(config, PrepConfig):
+        given = {"class_labels": class_labels, "audio_dir": audio_dir}
+        config = PrepConfig(
+            segments=config,
+            **{k: v for k, v in given.items() if v is not None},
+            **({"out": out} if out is not None else {}),
+            **options,
+        )
+    elif class_labels is not None or audio_dir is not None or out is not None or options:
+        raise TypeError("run_prep(config): pass every option inside the PrepConfig")
+    plan, output, built = run_task(config)
+    if config.num_tasks == 1:
         if not built and output.exists(MANIFEST_FILE):
             manifest = json.loads(output.read_bytes(MANIFEST_FILE))
             if manifest.get("fingerprint") == plan.fingerprint:
-                log.info("nothing to do: %s is already finalized", out)
+                log.info("nothing to do: %s is already finalized", config.out)
                 return manifest
-        return finalize(out)
+        return finalize(config.out)
     log.info(
         "task %d/%d done (%d shards built); after all tasks: python -m cmkd_scale.prep finalize "
         "--out %s",
-        task_id,
-        num_tasks,
+        config.task_id,
+        config.num_tasks,
         len(built),
-        out,
+        config.out,
     )
     return {
-        "task_id": task_id,
-        "num_tasks": num_tasks,
+        "task_id": config.task_id,
+        "num_tasks": config.num_tasks,
         "shards_built": built,
         "num_shards": plan.num_shards,
         "fingerprint": plan.fingerprint,

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,25 +28,38 @@ class SegmentsError(ValueError):
 @dataclass(frozen=True)
 class AudioClass:
     index: int
-    mid: str
+    mid: str  # AudioSet / FSD50K machine id; "" where the dataset has none
     display_name: str
+    target: int | None = None  # ESC-50's own class number (esc50 only)
 
 
 @dataclass(frozen=True)
 class ClassIndex:
-    """The label vocabulary: class ``index`` <-> AudioSet ``mid``."""
+    """The label vocabulary: class ``index`` <-> AudioSet ``mid`` (and <-> name)."""
 
     classes: tuple[AudioClass, ...]
     by_mid: dict[str, int] = field(compare=False, repr=False)
     sha256: str
+    by_name: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, classes: list[AudioClass], sha256: str) -> ClassIndex:
+        """Index ``classes`` (already numbered 0..C-1) by MID and by display name."""
+        by_mid = {c.mid: c.index for c in classes if c.mid}
+        by_name = {c.display_name: c.index for c in classes}
+        return cls(tuple(classes), by_mid, sha256, by_name)
 
     def __len__(self) -> int:
         return len(self.classes)
 
     def to_json(self) -> list[dict]:
-        return [
-            {"index": c.index, "mid": c.mid, "display_name": c.display_name} for c in self.classes
-        ]
+        out = []
+        for c in self.classes:
+            entry = {"index": c.index, "mid": c.mid, "display_name": c.display_name}
+            if c.target is not None:
+                entry["target"] = c.target
+            out.append(entry)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +67,16 @@ class Segment:
     """One row of a segment CSV, with its labels resolved to class indices."""
 
     key: str
-    ytid: str
+    ytid: str  # AudioSet: the YouTube id; other formats: the clip id (file name without ext)
     start: float
-    end: float
+    end: float | None  # None: the whole file (every format but AudioSet)
     mids: tuple[str, ...]
     labels: tuple[int, ...]
     source: str  # CSV file name
     line: int  # 1-based line number in that file
+    # other formats: (name, preferred extension) pairs to look up, best first (locate.py);
+    # empty for AudioSet, whose files are found by YTID and times
+    lookup: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,17 +96,22 @@ class SegmentList:
     num_duplicates: int
 
 
-def make_key(ytid: str, start_ms: int) -> str:
-    """Sample key ``{ytid}_{start_ms}`` using only ``[A-Za-z0-9_-]``, so no path can escape.
+def safe_id(name: str) -> str:
+    """``name`` using only ``[A-Za-z0-9_-]`` (no ``.``, no ``/``), so no path can escape.
 
-    A YTID with other characters (or an oversized one) is rewritten and suffixed with a hash
-    of the original, so two different hostile YTIDs cannot collide.
+    A name with other characters (or an oversized one) is rewritten and suffixed with a hash
+    of the original, so two different hostile names cannot collide.
     """
-    safe = _UNSAFE.sub("-", ytid)
-    if safe != ytid or len(safe) > _MAX_ID_CHARS:
-        digest = hashlib.sha1(ytid.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    safe = _UNSAFE.sub("-", name)
+    if safe != name or len(safe) > _MAX_ID_CHARS:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
         safe = f"{safe[: _MAX_ID_CHARS - 11]}-{digest}"
-    return f"{safe}_{start_ms}"
+    return safe
+
+
+def make_key(ytid: str, start_ms: int) -> str:
+    """AudioSet sample key ``{ytid}_{start_ms}`` with the YTID made safe by ``safe_id``."""
+    return f"{safe_id(ytid)}_{start_ms}"
 
 
 def seconds_to_ms(seconds: float) -> int:
@@ -138,7 +160,7 @@ def _read_class_index(path: Path) -> ClassIndex:
             classes.append(AudioClass(index, mid, row[2]))
     if not classes:
         raise SegmentsError(f"{path}: no classes listed")
-    return ClassIndex(tuple(classes), by_mid, file_sha256(path))
+    return ClassIndex.build(classes, file_sha256(path))
 
 
 def read_class_index(path: Path) -> ClassIndex:
@@ -206,9 +228,16 @@ def read_segment_csv(
 
 
 def read_segments(
-    paths: list[Path], classes: ClassIndex, *, skip_bad_lines: bool = False
+    paths: list[Path],
+    classes: ClassIndex,
+    *,
+    skip_bad_lines: bool = False,
+    reader: Callable[..., list[Segment]] = read_segment_csv,
 ) -> SegmentList:
-    """Concatenate the CSVs in the given order and drop repeated keys (first one wins)."""
+    """Concatenate the CSVs in the given order and drop repeated keys (first one wins).
+
+    ``reader(path, classes, skip_bad_lines=, bad_lines=)`` reads one file (default: an AudioSet
+    segment CSV; formats.py has the others)."""
     if not paths:
         raise SegmentsError("no segment CSV given (pass --segments CSV)")
     bad: list[BadLine] = []
@@ -217,7 +246,7 @@ def read_segments(
     sources = []
     duplicates = 0
     for path in paths:
-        rows = read_segment_csv(path, classes, skip_bad_lines=skip_bad_lines, bad_lines=bad)
+        rows = reader(path, classes, skip_bad_lines=skip_bad_lines, bad_lines=bad)
         for seg in rows:
             if seg.key in seen:
                 duplicates += 1
@@ -237,5 +266,5 @@ def read_segments(
             bad[0].reason,
         )
     if duplicates:
-        log.warning("dropped %d repeated segments (same YTID and start)", duplicates)
+        log.warning("dropped %d repeated segments (same key: YTID and start, or file)", duplicates)
     return SegmentList(out, sources, bad, duplicates)

@@ -34,7 +34,8 @@ def sample_json(segment: Segment, duration: float, audio: str) -> bytes:
         "key": segment.key,
         "ytid": segment.ytid,
         "start": segment.start,
-        "end": segment.end,
+        # a whole file (every format but AudioSet) ends where its audio does
+        "end": segment.end if segment.end is not None else round(segment.start + duration, 6),
         "labels": list(segment.labels),
         "mids": list(segment.mids),
         "duration": duration,

@@ -50,8 +50,9 @@ class Inputs:
     clean: Path  # a run where nothing crashed
     shard_size: int
 
+    # input order (--keep-order), so the culprit sits in the middle of shard 1
     def cli(self, out: Path, *extra: str) -> list[str]:
-        return prep_cli(self.csv, self.audio, out, self.shard_size, *extra)
+        return prep_cli(self.csv, self.audio, out, self.shard_size, "--keep-order", *extra)
 
     def run(self, out: Path, audio: Path | None = None, **kwargs) -> dict:
         audio = audio or self.audio
@@ -61,6 +62,7 @@ class Inputs:
             audio,
             str(out),
             shard_size=self.shard_size,
+            keep_order=True,
             **kwargs,
         )
 

@@ -461,6 +461,7 @@ def test_csv_folds_need_a_fold_column(generic: Path, tmp_path: Path) -> None:
         ({"class_labels": "c.csv", "workers": 0}, "--workers must be >= 1, got 0"),
         ({"class_labels": "c.csv", "shard_size": 0}, "--shard-size must be >= 1, got 0"),
         ({"class_labels": "c.csv", "order_seed": -1}, "--order-seed must be in [0, 2**63)"),
+        ({"class_labels": "c.csv", "order_seed": 3, "keep_order": True}, "no effect with"),
         ({"class_labels": "c.csv", "num_tasks": 2, "task_id": 2}, "need 0 <= --task-id"),
     ],
 )

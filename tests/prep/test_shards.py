@@ -122,8 +122,15 @@ def corpus(tmp_path_factory, request) -> Corpus:
         real = (None, None)
     csv_path, audio, freqs = _build_corpus(root, *real)
     out = root / "out"
+    # input order (keep_order): shard j holds CSV rows [4j, 4j+4), which the tests below use
     manifest = run_prep(
-        [csv_path], bundled_class_labels(), audio, str(out), shard_size=4, skip_bad_lines=True
+        [csv_path],
+        bundled_class_labels(),
+        audio,
+        str(out),
+        shard_size=4,
+        skip_bad_lines=True,
+        keep_order=True,
     )
     return Corpus(root, out, manifest, freqs)
 
