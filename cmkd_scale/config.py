@@ -190,6 +190,9 @@ class TrackingConfig:
     system_metrics_interval_s: float = 10.0  # CPU/memory/GPU sampling period
     flush_every_s: float = 5.0  # metrics are sent in one log_batch per this interval
     finish_timeout_s: float = 300.0  # longest wait at finish() for the last records to upload
+    # MLflow run id of a parent run (a study's): the run carries the tag mlflow.parentRunId and
+    # shows nested under it; "" = a top-level run. Set by `python -m cmkd_scale.study`.
+    parent_run_id: str = ""
 
 
 @dataclass(kw_only=True)

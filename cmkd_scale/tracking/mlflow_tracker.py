@@ -122,6 +122,8 @@ class MlflowTracker(Tracker):
         """Tags, resolved config and data manifest summaries every run carries."""
         tags = sysinfo.run_tags(self.cfg)
         tags.update({"cmkd.local_id": self.state.local_id or "", "cmkd.run_dir": str(self.run_dir)})
+        if self.cfg.tracking.parent_run_id:  # nested under a study's parent run
+            tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
         self.set_tags(tags)
         self.log_text(self.cfg.to_yaml(), "config.yaml")
         for split in ("train", "eval"):
