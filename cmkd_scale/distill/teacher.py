@@ -65,14 +65,16 @@ def build_teacher(
     if cfg.arch == "none":
         return None
     from cmkd_scale.models import build_model
+    from cmkd_scale.models.exported import Export
     from cmkd_scale.models.load import load_checkpoint_object, read_checkpoint
 
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
     fields["name"] = cfg.name.removeprefix(RANDOM_PREFIX)
     raw = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
-    if isinstance(raw, dict) and isinstance(raw.get("config"), dict) and "model" in raw:
-        # Our export carries its architecture: the teacher is built exactly as it was trained.
-        exported = raw["config"].get("model", {})
+    if Export.looks_like(raw):
+        # Our export carries its architecture: the teacher is built exactly as it was trained
+        # (and at this run's input size: load_checkpoint_object fits the position embedding).
+        exported = Export.from_payload(raw, source=cfg.checkpoint).config.get("model", {})
         fields.update({k: v for k, v in exported.items() if k in fields and k != "checkpoint"})
         log.info("teacher architecture from its export: %s %s", fields["arch"], fields["name"])
     model_cfg = ModelConfig(**fields)

@@ -16,7 +16,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,7 +24,7 @@ from cmkd_scale.config import Config, from_dict, load_config, parse_overrides
 from cmkd_scale.evaluate.averaging import average_weights, wa_paths
 from cmkd_scale.evaluate.scoring import evaluate, save_result
 from cmkd_scale.logs import setup_logging
-from cmkd_scale.models.exported import atomic_torch_save, build_student, load_export
+from cmkd_scale.models.exported import Export
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _config_with_overrides(payload: dict[str, Any], overrides: list[str]) -> Config:
-    tree = payload["config"]
+def _config_with_overrides(export: Export, overrides: list[str]) -> Config:
+    """Apply ``overrides`` to the export's training config (in place: its model is built from
+    the same tree) and resolve it."""
+    tree = export.config
     for key, value in parse_overrides(overrides):
         node = tree
         *parents, leaf = key.split(".")
@@ -76,18 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = args.wa_start or run_cfg.eval.wa_start_epoch
             end = args.wa_end or run_cfg.eval.wa_end_epoch
             paths = wa_paths(args.wa, start, end)
-            payload = average_weights(paths)
+            averaged = average_weights(paths)
             name = args.name or f"wa-{start:03d}-{end:03d}"
             out_dir = args.out or args.wa / "eval"
             if env.is_main:
-                atomic_torch_save(payload, args.wa / "models" / f"{name}.pt")
-            payloads = [payload]
+                averaged.save(args.wa / "models" / f"{name}.pt")
+            exports = [averaged]
         else:
-            payloads = [load_export(p) for p in args.checkpoint]
-            name = args.name or ("ensemble" if len(payloads) > 1 else args.checkpoint[0].stem)
+            exports = [Export.load(p) for p in args.checkpoint]
+            name = args.name or ("ensemble" if len(exports) > 1 else args.checkpoint[0].stem)
             out_dir = args.out or args.checkpoint[0].resolve().parent.parent / "eval"
-        cfg = _config_with_overrides(payloads[0], args.overrides)
-        models = [build_student(p, device) for p in payloads]
+        cfg = _config_with_overrides(exports[0], args.overrides)
+        models = [export.model(device) for export in exports]
 
         def forward(fbank: torch.Tensor) -> torch.Tensor:
             return torch.stack([torch.sigmoid(m(fbank).float()) for m in models]).mean(0)
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = evaluate(forward, loader, device=device)
         if env.is_main:
-            csv_path = save_result(result, out_dir, name, payloads[0]["class_names"])
+            csv_path = save_result(result, out_dir, name, exports[0].class_names)
             log.info("%s: %s (per-class AP: %s)", name, result.summary, csv_path)
             print(json.dumps({"name": name, **result.summary}))
     finally:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from cmkd_scale.config import ConfigError
-from cmkd_scale.models.exported import epoch_tag, load_export
+from cmkd_scale.models.exported import Export, epoch_tag
 
 
-def average_weights(paths: Sequence[Path]) -> dict[str, Any]:
+def average_weights(paths: Sequence[Path]) -> Export:
     """AST/PSLA weight averaging: the mean of several exports of one architecture."""
-    first = load_export(paths[0])
-    total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    first = Export.load(paths[0])
+    total = {k: v.double() if v.is_floating_point() else v for k, v in first.state_dict.items()}
     for path in paths[1:]:
-        sd = load_export(path)["model"]
+        sd = Export.load(path).state_dict
         same = sd.keys() == total.keys() and all(sd[k].shape == total[k].shape for k in sd)
         if not same:
             raise ValueError(f"{path} has different parameters than {paths[0]}; cannot average")
@@ -25,7 +25,9 @@ def average_weights(paths: Sequence[Path]) -> dict[str, Any]:
     averaged = {
         k: (v / len(paths)).float() if v.is_floating_point() else v for k, v in total.items()
     }
-    return {**first, "model": averaged, "source_checkpoint": [str(p) for p in paths]}
+    return dataclasses.replace(
+        first, state_dict=averaged, source_checkpoint=[str(p) for p in paths]
+    )
 
 
 def wa_paths(run_dir: Path, start: int, end: int) -> list[Path]:

@@ -23,6 +23,7 @@ holds it, as an AudioSet label does for a clip) or ``mean``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -35,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmkd_scale.config import DataConfig, ModelConfig, from_dict
+from cmkd_scale.config import DataConfig, ModelConfig
 from cmkd_scale.logs import setup_logging
+from cmkd_scale.models.exported import Export
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,45 @@ class Classifier:
     norm_std: float
     activation: str  # sigmoid (multi-label) or softmax (single-label)
     device: torch.device
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Which checkpoint to load, and how: our export describes itself; a released AST / PSLA /
+    CMKD file needs ``arch`` (and ``model_name``), the rest have the released models' defaults."""
+
+    checkpoint: str
+    activation: str | None = None  # sigmoid | softmax (default: from the export's loss)
+    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
+    class_labels: str | None = None  # class_labels_indices.csv with the class names
+    arch: str | None = None  # released checkpoints: ast | efficientnet | timm
+    model_name: str | None = None
+    num_classes: int = 0  # 0: read from the classifier weights
+    target_length: int = 0  # frames (0: DataConfig's default)
+    norm_mean: float | None = None
+    norm_std: float | None = None
+    pooling: str = "attention"
+    attention_heads: int = 4
+    cla_activation: str = "linear"  # sigmoid for PSLA's released CNNs, linear for CMKD's
+    fstride: int = 10
+    tstride: int = 10
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
+        """The options ``add_model_arguments`` parsed."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(kw_only=True)
+class InferOptions:
+    """What ``python -m cmkd_scale.infer`` does: files, model, output."""
+
+    audio: list[str]
+    model: ModelOptions
+    top_k: int = 5
+    json: bool = False  # one JSON document instead of text
+    hop: int = 0  # window hop in frames (0: the window length)
+    window_pool: str = "max"  # max | mean over a file's windows
 
 
 def audioset_names(path: Path = BUNDLED_AUDIOSET) -> list[str]:
@@ -91,63 +132,64 @@ def _class_names(num_classes: int, labels_csv: str | None) -> list[str]:
 DEFAULT_NAMES = {"ast": "deit_base_distilled_patch16_384", "efficientnet": "efficientnet_b2"}
 
 
-def load_classifier(args: argparse.Namespace) -> Classifier:
-    """Build the model for ``args.checkpoint`` (our export, or a released file + --arch)."""
+def load_classifier(opts: ModelOptions) -> Classifier:
+    """Build the model for ``opts.checkpoint`` (our export, or a released file + ``arch``)."""
     from cmkd_scale.models import build_model, load_checkpoint_object, read_checkpoint
     from cmkd_scale.models.load import strip_module_prefix, unwrap
 
     device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    raw = read_checkpoint(args.checkpoint)
-    if isinstance(raw, dict) and "config" in raw and "model" in raw:
-        cfg = from_dict(raw["config"])
+    raw = read_checkpoint(opts.checkpoint)
+    if Export.looks_like(raw):
+        export = Export.from_payload(raw, source=opts.checkpoint)
+        cfg = export.cfg
         data = cfg.data
-        num_classes = int(raw.get("num_classes") or classifier_width(raw["model"]) or 0)
-        names = list(raw.get("class_names") or _class_names(num_classes, args.class_labels))
+        num_classes = export.num_classes or classifier_width(export.state_dict) or 0
+        names = export.class_names or _class_names(num_classes, opts.class_labels)
         model_cfg = cfg.model
-        activation = args.activation or (
+        activation = opts.activation or (
             "softmax" if cfg.distill.loss in ("ce", "kl") else "sigmoid"
         )
     else:
-        if not args.arch:
+        if not opts.arch:
             raise ValueError(
-                f"{args.checkpoint} is not a cmkd_scale export: say which network it holds with "
+                f"{opts.checkpoint} is not a cmkd_scale export: say which network it holds with "
                 "--arch ast|efficientnet|timm and --model-name (e.g. "
                 "deit_base_distilled_patch16_384 for AST, efficientnet_b2 for PSLA/CMKD CNNs)"
             )
-        model_name = args.model_name or DEFAULT_NAMES.get(args.arch)
+        model_name = opts.model_name or DEFAULT_NAMES.get(opts.arch)
         if not model_name:
             raise ValueError("--arch timm needs --model-name (the timm model's name)")
-        state, _ = unwrap(raw, args.checkpoint)
-        num_classes = args.num_classes or classifier_width(strip_module_prefix(state)) or 0
+        state, _ = unwrap(raw, opts.checkpoint)
+        num_classes = opts.num_classes or classifier_width(strip_module_prefix(state)) or 0
         if not num_classes:
             raise ValueError(
-                f"cannot tell the class count of {args.checkpoint}: pass --num-classes"
+                f"cannot tell the class count of {opts.checkpoint}: pass --num-classes"
             )
-        names = _class_names(num_classes, args.class_labels)
+        names = _class_names(num_classes, opts.class_labels)
         data = DataConfig(
-            target_length=args.target_length or _DATA.target_length,
-            norm_mean=_DATA.norm_mean if args.norm_mean is None else args.norm_mean,
-            norm_std=_DATA.norm_std if args.norm_std is None else args.norm_std,
+            target_length=opts.target_length or _DATA.target_length,
+            norm_mean=_DATA.norm_mean if opts.norm_mean is None else opts.norm_mean,
+            norm_std=_DATA.norm_std if opts.norm_std is None else opts.norm_std,
         )
         model_cfg = ModelConfig(
-            arch=args.arch,
+            arch=opts.arch,
             name=model_name,
-            pooling=args.pooling,
-            attention_heads=args.attention_heads,
-            cla_activation=args.cla_activation,
-            fstride=args.fstride,
-            tstride=args.tstride,
+            pooling=opts.pooling,
+            attention_heads=opts.attention_heads,
+            cla_activation=opts.cla_activation,
+            fstride=opts.fstride,
+            tstride=opts.tstride,
         )
-        activation = args.activation or "sigmoid"
+        activation = opts.activation or "sigmoid"
     model = build_model(
         model_cfg,
         num_classes=num_classes,
         input_tdim=data.target_length,
         input_fdim=data.num_mel_bins,
     )
-    load_checkpoint_object(model, raw, source=args.checkpoint, strict=True)
+    load_checkpoint_object(model, raw, source=opts.checkpoint, strict=True)
     return Classifier(
         model=model.to(device).eval(),
         class_names=names,
@@ -264,35 +306,49 @@ def _print_text(result: dict[str, Any]) -> None:
         print(f"  {item['prob']:.4f}  {item['label']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    setup_logging()
+def run(opts: InferOptions) -> int:
+    """Tag every file (one bad file costs only its own result); 1 when any failed."""
     from cmkd_scale.models import CheckpointError
 
     try:
-        clf = load_classifier(args)
+        clf = load_classifier(opts.model)
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    hop = args.hop or clf.target_length
+    hop = opts.hop or clf.target_length
     results, failed = [], 0
     start = time.perf_counter()
-    for n, path in enumerate(args.audio, 1):
+    for n, path in enumerate(opts.audio, 1):
         try:
-            result = tag_file(clf, path, top_k=args.top_k, hop=hop, pool=args.window_pool)
+            result = tag_file(clf, path, top_k=opts.top_k, hop=hop, pool=opts.window_pool)
         except Exception as exc:  # one bad file must not lose the others' results
             failed += 1
             log.error("%s: %s", path, exc)
             result = {"file": path, "error": f"{type(exc).__name__}: {exc}"}
         results.append(result)
-        if not args.json and "error" not in result:
+        if not opts.json and "error" not in result:
             _print_text(result)
         elapsed = time.perf_counter() - start
-        log.info("%d/%d files, %.2f files/s", n, len(args.audio), n / max(elapsed, 1e-9))
-    if args.json:
-        json.dump({"checkpoint": args.checkpoint, "results": results}, sys.stdout, indent=2)
+        log.info("%d/%d files, %.2f files/s", n, len(opts.audio), n / max(elapsed, 1e-9))
+    if opts.json:
+        json.dump({"checkpoint": opts.model.checkpoint, "results": results}, sys.stdout, indent=2)
         print()
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cmkd_scale.infer``: parse the command line into ``InferOptions``, run."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+    opts = InferOptions(
+        audio=args.audio,
+        model=ModelOptions.from_args(args),
+        top_k=args.top_k,
+        json=args.json,
+        hop=args.hop,
+        window_pool=args.window_pool,
+    )
+    return run(opts)
 
 
 if __name__ == "__main__":

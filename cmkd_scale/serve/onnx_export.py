@@ -6,7 +6,7 @@
 ONNX rather than TorchScript: ``torch.jit`` is deprecated in this torch and ONNX runs without
 torch (ONNX Runtime, TensorRT).  The graph comes from ``torch.onnx.export(dynamo=True)``; input
 ``fbank`` is the normalised feature ``[batch, target_length, mel bins]`` (dynamic batch, as
-``cmkd_scale.infer`` makes it), output ``logits`` ``[batch, classes]``.
+``python -m cmkd_scale.infer`` makes it), output ``logits`` ``[batch, classes]``.
 
 The check: a batch of a different size than the one traced runs through both the torch model
 and ONNX Runtime; the largest absolute difference must stay under ``--atol``, otherwise the
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,23 @@ import numpy as np
 import torch
 
 from cmkd_scale.logs import setup_logging
-from cmkd_scale.serve.infer import Classifier, add_model_arguments, load_classifier
+from cmkd_scale.serve.infer import Classifier, ModelOptions, add_model_arguments, load_classifier
 
 log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
     """The exported graph does not reproduce the model."""
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """What ``python -m cmkd_scale.export`` does: which model, where to, how strict a check."""
+
+    model: ModelOptions  # its device is ignored: the check runs on the CPU
+    out: Path  # the .onnx file to write (``out.json`` beside it)
+    atol: float = 1e-4  # largest allowed |onnx - torch| on the check batch
+    opset: int = 18
 
 
 def example_batch(clf: Classifier, batch: int, seed: int) -> torch.Tensor:
@@ -123,20 +135,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    args.device = "cpu"  # the check runs on the CPU
-    setup_logging()
+def run(opts: ExportOptions) -> int:
+    """Export and check; 2 (with the reason on stderr) when the model or the check fails."""
     from cmkd_scale.models import CheckpointError
 
     try:
-        clf = load_classifier(args)
-        info = export_onnx(clf, args.out, atol=args.atol, opset=args.opset)
+        clf = load_classifier(dataclasses.replace(opts.model, device="cpu"))
+        info = export_onnx(clf, opts.out, atol=opts.atol, opset=opts.opset)
     except (ValueError, CheckpointError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": str(args.out), **info["check"]}))
+    print(json.dumps({"out": str(opts.out), **info["check"]}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cmkd_scale.export``: parse the command line into ``ExportOptions``, run."""
+    args = _parser().parse_args(argv)
+    setup_logging()
+    opts = ExportOptions(
+        model=ModelOptions.from_args(args), out=args.out, atol=args.atol, opset=args.opset
+    )
+    return run(opts)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from cmkd_scale.config import load_config
 from cmkd_scale.evaluate.averaging import average_weights, wa_paths
 from cmkd_scale.evaluate.scoring import assemble, score
 from cmkd_scale.models import build_model
-from cmkd_scale.models.exported import atomic_torch_save, load_export
+from cmkd_scale.models.exported import EXPORT_FORMAT, Export, ExportError
 
 
 def _parts(order: list[list[int]], width: int = 3) -> list[tuple[np.ndarray, ...]]:
@@ -68,18 +68,24 @@ def _export(path: Path, seed: int, **overrides: int) -> Path:
     )
     torch.manual_seed(seed)
     model = build_model(cfg.model, num_classes=3, input_tdim=32)
-    payload = {"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": 3}
-    atomic_torch_save({**payload, "class_names": ["a", "b", "c"]}, path)
-    return path
+    export = Export(
+        state_dict=model.state_dict(),
+        config=cfg.to_dict(),
+        num_classes=3,
+        class_names=["a", "b", "c"],
+    )
+    return export.save(path)
 
 
 def test_weight_averaging_is_the_mean_of_the_epoch_students(tmp_path: Path) -> None:
     paths = [_export(tmp_path / f"epoch-00{e}.pt", seed=e) for e in (1, 2, 3)]
     averaged = average_weights(paths)
-    states = [load_export(p)["model"] for p in paths]
-    for key, value in averaged["model"].items():
+    states = [Export.load(p).state_dict for p in paths]
+    for key, value in averaged.state_dict.items():
         torch.testing.assert_close(value, sum(s[key] for s in states) / 3)
-    assert averaged["source_checkpoint"] == [str(p) for p in paths]
+    assert averaged.source_checkpoint == [str(p) for p in paths]
+    saved = Export.load(averaged.save(tmp_path / "wa.pt"))
+    assert saved.class_names == ["a", "b", "c"] and saved.num_classes == 3
 
 
 def test_weight_averaging_refuses_different_architectures(tmp_path: Path) -> None:
@@ -101,7 +107,19 @@ def test_wa_range_names_the_missing_epoch_exports(tmp_path: Path) -> None:
 def test_a_plain_state_dict_is_not_taken_for_an_export(tmp_path: Path) -> None:
     path = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, path)
-    with pytest.raises(ValueError, match="not a cmkd_scale export"):
-        load_export(path)
+    with pytest.raises(ExportError, match="not a cmkd_scale export"):
+        Export.load(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_export(tmp_path / "nope.pt")
+        Export.load(tmp_path / "nope.pt")
+
+
+def test_the_export_format_tag_is_checked(tmp_path: Path) -> None:
+    good = _export(tmp_path / "good.pt", seed=0)
+    payload = torch.load(good, weights_only=True)
+    assert payload["format"] == EXPORT_FORMAT
+    model = Export.load(good).model()
+    assert not model.training
+    for fmt in ("cmkd_scale.student/2", None):
+        torch.save({**payload, "format": fmt}, tmp_path / "other.pt")
+        with pytest.raises(ExportError, match=r"export format .* re-export"):
+            Export.load(tmp_path / "other.pt")

@@ -12,6 +12,7 @@ import torch
 from cmkd_scale.config import Config, DataConfig, ModelConfig
 from cmkd_scale.data.reference import ast_features
 from cmkd_scale.models import build_model
+from cmkd_scale.models.exported import Export
 from cmkd_scale.serve import infer
 from cmkd_scale.serve import onnx_export as export
 
@@ -33,15 +34,12 @@ def export_file(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=len(NAMES), input_tdim=TARGET)
     path = tmp_path_factory.mktemp("export") / "best.pt"
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "config": cfg.to_dict(),
-            "num_classes": len(NAMES),
-            "class_names": NAMES,
-        },
-        path,
-    )
+    Export(
+        state_dict=model.state_dict(),
+        config=cfg.to_dict(),
+        num_classes=len(NAMES),
+        class_names=NAMES,
+    ).save(path)
     return path, model.eval()
 
 

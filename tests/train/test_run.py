@@ -143,8 +143,45 @@ def test_zero3_distillation_learns(zero3_run: Path) -> None:
     assert lrs == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3] + [1.5e-3] * 4)
     ds = json.loads((zero3_run / "deepspeed.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 8
-    for name in ("epoch-001.pt", "epoch-002.pt", "best.pt", "final.pt"):
+    for name in ("epoch-001.pt", "epoch-002.pt", "wa.pt", "final.pt"):
         assert (zero3_run / "models" / name).is_file(), name
+
+
+def test_without_val_nothing_is_chosen_and_the_weight_average_is_reported(zero3_run: Path) -> None:
+    """No data.val: the epoch evaluations on eval are monitoring curves, no best.pt; the
+    recipe's wa range (debug_cpu: epochs 1..2) makes models/wa.pt the reported model."""
+    assert not (zero3_run / "models" / "best.pt").exists()
+    records = [r for r in jsonl(zero3_run / "metrics.jsonl") if "eval" in r]
+    assert [(r["eval"], r["split"]) for r in records] == [
+        ("epoch-001", "eval"),
+        ("epoch-002", "eval"),
+        ("report", "eval"),
+    ]
+    report = json.loads((zero3_run / "eval" / "report_summary.json").read_text())
+    assert report == {
+        "model": "wa",
+        "checkpoint": "models/wa.pt",
+        "selected_on": None,
+        "select_metric": None,
+        "epoch": None,
+        "step": 8,
+        **{k: pytest.approx(records[-1][k]) for k in ("mAP", "mAUC", "dprime", "acc")},
+        "val": None,
+    }
+    for suffix in ("_class_ap.csv", "_predictions.npz"):
+        assert (zero3_run / "eval" / f"report{suffix}").is_file()
+
+
+def test_a_run_ended_before_its_wa_range_reports_the_final_model(teacher_run: Path) -> None:
+    """max_steps=6 ends inside epoch 1 of debug_cpu's wa range 1..2: the final model, whose
+    evaluation at step 6 is the report (scored once)."""
+    assert not (teacher_run / "models" / "best.pt").exists()
+    assert not (teacher_run / "models" / "wa.pt").exists()
+    report = json.loads((teacher_run / "eval" / "report_summary.json").read_text())
+    assert (report["model"], report["checkpoint"]) == ("final", "models/final.pt")
+    assert (report["epoch"], report["step"], report["selected_on"]) == (1, 6, None)
+    step6 = json.loads((teacher_run / "eval" / "step-000006_summary.json").read_text())
+    assert {k: report[k] for k in step6} == step6
 
 
 def test_eval_gathers_every_clip_once_and_matches_sklearn(
@@ -174,15 +211,14 @@ def test_eval_gathers_every_clip_once_and_matches_sklearn(
 
 def test_zero3_export_reproduces_the_trainer_eval(zero3_run: Path, data: dict[str, Path]) -> None:
     """The consolidated fp32 export of a ZeRO-3 run loads strictly and predicts the same."""
-    from cmkd_scale.config import from_dict
     from cmkd_scale.data import EvalLoader
     from cmkd_scale.evaluate.scoring import predict_local
-    from cmkd_scale.models.exported import build_student, load_export
+    from cmkd_scale.models.exported import Export
 
-    payload = load_export(zero3_run / "models" / "final.pt")
-    assert payload["source_checkpoint"] == "epoch-002"
-    model = build_student(payload, torch.device("cpu"))
-    cfg = from_dict(payload["config"])
+    export = Export.load(zero3_run / "models" / "final.pt")
+    assert export.source_checkpoint == "epoch-002"
+    model = export.model("cpu")
+    cfg = export.cfg
     loader = EvalLoader(cfg.data, micro_batch=4, rank=0, world_size=1, device="cpu")
     try:
         index, probs, _ = predict_local(
@@ -195,17 +231,25 @@ def test_zero3_export_reproduces_the_trainer_eval(zero3_run: Path, data: dict[st
 
 
 def test_weight_averaging_and_ensemble_commands(zero3_run: Path) -> None:
-    from cmkd_scale.models.exported import load_export
+    from cmkd_scale.models.exported import Export
 
     models = zero3_run / "models"
     wa = run_cmd([sys.executable, "-m", "cmkd_scale.evaluate", "--wa", str(zero3_run)])
     assert wa.returncode == 0, wa.stderr[-4000:]
-    averaged = load_export(models / "wa-001-002.pt")["model"]
-    e1, e2 = (load_export(models / f"epoch-00{e}.pt")["model"] for e in (1, 2))
+    averaged = Export.load(models / "wa-001-002.pt").state_dict
+    e1, e2 = (Export.load(models / f"epoch-00{e}.pt").state_dict for e in (1, 2))
     for key, value in averaged.items():
         torch.testing.assert_close(value, (e1[key] + e2[key]) / 2)
     assert json.loads(wa.stdout.strip().splitlines()[-1])["name"] == "wa-001-002"
     assert (zero3_run / "eval" / "wa-001-002_class_ap.csv").is_file()
+    # the trainer's own weight average (its report) is the command's
+    trainer_wa = Export.load(models / "wa.pt").state_dict
+    for key, value in averaged.items():
+        torch.testing.assert_close(trainer_wa[key], value, rtol=0, atol=0)
+    by_command = json.loads((zero3_run / "eval" / "wa-001-002_summary.json").read_text())
+    report = json.loads((zero3_run / "eval" / "report_summary.json").read_text())
+    for key in ("mAP", "mAUC", "acc"):
+        assert report[key] == pytest.approx(by_command[key], abs=1e-6)
 
     cmd = [sys.executable, "-m", "cmkd_scale.evaluate"]
     cmd += [
