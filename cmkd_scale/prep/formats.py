@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import posixpath
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,7 +151,7 @@ def read_esc50(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
     (the full release: index == target, 50 classes; --esc10: the 10 ESC-10 targets, renumbered
     0..9); --folds and --esc10 select rows.  Classes come from every row, whatever --folds
     selects, so train and eval folds share one class index."""
-    parsed: dict[Path, list[tuple[int, list[str], tuple | None, str | None]]] = {}
+    parsed: list[list[tuple[int, list[str], tuple | None, str | None]]] = []  # per CSV
     categories: dict[int, tuple[str, str]] = {}  # target -> (category, where first seen)
     for path in config.segments:
         header, rows = _open_table(path, "ESC-50 CSV")
@@ -159,7 +160,8 @@ def read_esc50(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
                 f"{path}:1: expected ESC-50's header '{','.join(ESC50_HEADER)}', got "
                 f"{','.join(header)!r} (--format esc50 reads meta/esc50.csv as published)"
             )
-        entries = parsed.setdefault(path, [])
+        entries: list = []
+        parsed.append(entries)
         for line, row in rows:
             try:
                 fields = _esc50_fields(row)
@@ -175,7 +177,7 @@ def read_esc50(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
                 error = f"target {target} is {category!r} here but {seen[0]!r} at {seen[1]}"
             entries.append((line, row, fields, error))
     wanted = {
-        f[2] for rows in parsed.values() for _, _, f, err in rows if f and not err and f[4]
+        f[2] for rows in parsed for _, _, f, err in rows if f and not err and f[4]
     } if config.esc10 else set(categories)  # fmt: skip
     if not wanted:
         raise SegmentsError(
@@ -186,6 +188,7 @@ def read_esc50(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
     index = ClassIndex.build(classes, _classes_sha256(classes))
     by_target = {c.target: c.index for c in classes}
     folds = set(config.folds) if config.folds is not None else None
+    pending = deque(parsed)  # read_segments calls reader once per CSV, in this order
 
     def reader(path: Path, _classes, *, skip_bad_lines: bool, bad_lines: list) -> list[Segment]:
         def parse(entry: list) -> Segment | None:
@@ -199,7 +202,7 @@ def read_esc50(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
             lookup = ((stem, ext), (f"{fold}-{src_file}-{take}", ""))  # 2015 release naming
             return _whole_file(stem, (by_target[target],), (), lookup)
 
-        rows = ((line, [row, f, err]) for line, row, f, err in parsed[path])
+        rows = ((line, [row, f, err]) for line, row, f, err in pending.popleft())
         return _collect(path, rows, parse, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
 
     found = read_segments(
@@ -427,12 +430,14 @@ def read_csv_format(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
 
 def read_inputs(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
     """The class index and the concatenated, deduplicated, selected segments of ``config``."""
-    if config.format == "esc50":
-        return read_esc50(config)
-    if config.format == "fsd50k":
-        return read_fsd50k(config)
-    if config.format == "csv":
-        return read_csv_format(config)
+    readers = {"esc50": read_esc50, "fsd50k": read_fsd50k, "csv": read_csv_format}
+    if config.format in readers:
+        try:
+            return readers[config.format](config)
+        except UnicodeDecodeError as exc:  # the segment lists are read with errors="replace"
+            raise SegmentsError(
+                f"--class-labels {config.class_labels} is not UTF-8 text ({exc})"
+            ) from None
     classes = read_class_index(config.class_labels)
     found = read_segments(list(config.segments), classes, skip_bad_lines=config.skip_bad_lines)
     return classes, found

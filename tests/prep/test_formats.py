@@ -498,3 +498,22 @@ def test_cli_formats_and_option_errors(generic: Path, tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == 4 and manifest["order_seed"] is None
     assert manifest["settings"]["selection"] == {"folds": [1, 2]}
+
+
+def test_esc50_csv_given_twice_counts_duplicates(tmp_path: Path) -> None:
+    from cmkd_scale.prep.formats import read_inputs
+
+    meta = write_esc50(tmp_path)
+    config = PrepConfig(format="esc50", segments=[meta, meta], audio_dir=tmp_path)
+    classes, found = read_inputs(config)
+    assert len(classes) == len(ESC_TARGETS) and len(found.segments) == len(ESC50_ROWS)
+    assert found.num_duplicates == len(ESC50_ROWS) and len(found.sources) == 2
+
+
+def test_class_list_that_is_not_utf8_is_a_clear_error(generic: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "classes.txt"
+    bad.write_bytes(b"cat\n\xff\xfedog\n")
+    config = PrepConfig(format="csv", segments=[generic / "list.csv"], class_labels=bad,
+                        audio_dir=generic / "audio", out=str(tmp_path / "o"))  # fmt: skip
+    with pytest.raises(SegmentsError, match=r"--class-labels .*classes\.txt is not UTF-8 text"):
+        run_prep(config)
