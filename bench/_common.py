@@ -52,23 +52,19 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def make_shards(folder: Path, *, clips: int, duration_s: float, shard_size: int = 64) -> Path:
     """``clips`` synthetic AudioSet-format clips through the real prep; the shard folder."""
-    from cmkd_scale.demo.synth import make_synthetic_audioset
-    from cmkd_scale.prep import run_prep
+    from cmkd_scale.demo.synth import make_synthetic_shards
 
     out = folder / "shards"
     if (out / "manifest.json").is_file():
         return out
-    ds = make_synthetic_audioset(folder / "raw", num_clips=clips, duration_s=duration_s, seed=0)
-    workers = max(1, min(8, (os.cpu_count() or 1) - 1))
-    run_prep(
-        [ds.segments_csv],
-        ds.class_labels_csv,
-        ds.audio_dir,
-        str(out),
-        workers=workers,
+    return make_synthetic_shards(
+        out,
+        raw_dir=folder / "raw",
+        num_clips=clips,
+        duration_s=duration_s,
         shard_size=shard_size,
+        workers=max(1, min(8, (os.cpu_count() or 1) - 1)),
     )
-    return out
 
 
 def gpu_peak_flops(name: str) -> float | None:

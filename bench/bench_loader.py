@@ -50,18 +50,16 @@ from cmkd_scale.data.manifest import ShardSet  # noqa: E402
 from cmkd_scale.data.members import MemberReader  # noqa: E402
 from cmkd_scale.data.pipeline import DaliRunner, FeatureSpec  # noqa: E402
 from cmkd_scale.data.reference import ReferenceDataset, decode, kaldi_fbank  # noqa: E402
-from cmkd_scale.demo.synth import make_synthetic_audioset  # noqa: E402
-from cmkd_scale.prep import run_prep  # noqa: E402
+from cmkd_scale.demo.synth import make_synthetic_shards  # noqa: E402
 
 GOAL = 0.5  # ours / reference CPU time per clip
 
 
 def make_shards(folder: Path, clips: int) -> Path:
     """``clips`` synthetic 10 s AudioSet-format clips through the real prep."""
-    ds = make_synthetic_audioset(folder, num_clips=clips, duration_s=10.0, seed=0)
-    out = folder / "shards"
-    run_prep([ds.segments_csv], ds.class_labels_csv, ds.audio_dir, str(out), shard_size=32)
-    return out
+    return make_synthetic_shards(
+        folder / "shards", raw_dir=folder, num_clips=clips, duration_s=10.0, shard_size=32
+    )
 
 
 def cpu_seconds() -> float:

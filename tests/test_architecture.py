@@ -39,7 +39,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "serve": {"config", "logs", "prep", "data", "models"},
     "study": {"config", "dist", "logs", "data", "models", "evaluate", "tracking", "demo.synth"},
-    "demo": {"config", "logs", "study"},
+    "demo": {"config", "logs", "prep", "study"},
     # thin entry points: python -m cmkd_scale.infer | export | features
     "infer": {"serve"},
     "export": {"serve"},

@@ -5,7 +5,8 @@ modulated at its own rate, with a harmonic); a clip mixes 1-3 of them (overlappi
 with random onsets, durations and gains over a low noise floor. The segment list is written in
 Google's CSV format (three ``#`` header lines, ``YTID, start, end, "mid1,mid2"``) and the
 class index is AudioSet's real 527-class index, so ``prep`` sees exactly what it sees on the
-real data.
+real data. ``make_synthetic_shards`` takes such clips through the real prep: the one recipe for
+the shards that the tests, the benchmarks and the study train on.
 """
 
 from __future__ import annotations
@@ -138,3 +139,44 @@ def make_synthetic_audioset(
         for c in clips:
             f.write(f'{c.ytid}, {c.start:.3f}, {c.end:.3f}, "{",".join(c.mids)}"\n')
     return SynthDataset(segments_csv, class_labels_csv, audio_dir, tuple(clips), mids)
+
+
+def make_synthetic_shards(
+    out: Path,
+    *,
+    num_clips: int,
+    raw_dir: Path | None = None,
+    duration_s: float = 1.5,
+    seed: int = 0,
+    split: str = "train",
+    num_classes_used: int = 8,
+    class_labels_csv: Path | None = None,
+    shard_size: int | None = None,
+    workers: int = 1,
+) -> Path:
+    """``num_clips`` synthetic clips (written to ``raw_dir``, default ``out``'s sibling
+    ``raw_<name>``) through the real prep into the shard set ``out``; returns ``out``."""
+    from cmkd_scale.prep import PrepConfig, run_prep
+
+    out = Path(out)
+    ds = make_synthetic_audioset(
+        raw_dir or out.parent / f"raw_{out.name}",
+        num_clips=num_clips,
+        num_classes_used=num_classes_used,
+        duration_s=duration_s,
+        seed=seed,
+        split=split,
+        class_labels_csv=class_labels_csv,
+    )
+    sizes = {"shard_size": shard_size} if shard_size else {}
+    run_prep(
+        PrepConfig(
+            segments=(ds.segments_csv,),
+            class_labels=ds.class_labels_csv,
+            audio_dir=ds.audio_dir,
+            out=str(out),
+            workers=workers,
+            **sizes,
+        )
+    )
+    return out

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cmkd_scale.demo.synth import make_synthetic_audioset
-from cmkd_scale.prep import run_prep
+from cmkd_scale.demo.synth import make_synthetic_shards
 from tests.fixtures.slurm import LAUNCH, ROOT, SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -45,11 +44,12 @@ class Run:
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Shards:
     """Generated AudioSet-format clips through the real prep: 16 train, 8 eval."""
     base = tmp_path_factory.mktemp("train_shards")
-    out = {}
-    for split, clips, seed in (("train", 16, 0), ("eval", 8, 1)):
-        ds = make_synthetic_audioset(base / split, num_clips=clips, duration_s=1.5, seed=seed)
-        out[split] = base / "shards" / split
-        run_prep([ds.segments_csv], ds.class_labels_csv, ds.audio_dir, str(out[split]))
+    out = {
+        split: make_synthetic_shards(
+            base / "shards" / split, raw_dir=base / split, num_clips=clips, seed=seed
+        )
+        for split, clips, seed in (("train", 16, 0), ("eval", 8, 1))
+    }
     return Shards(train=out["train"], eval=out["eval"])
 
 
