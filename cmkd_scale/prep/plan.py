@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import audio_io
+from .formats import read_inputs
 from .segments import BadLine, ClassIndex, Segment
 
 if TYPE_CHECKING:
@@ -114,8 +115,6 @@ class Plan:
 
 def make_plan(config: PrepConfig) -> Plan:
     """Parse the inputs of ``config`` (any --format) and fix the segment -> shard assignment."""
-    from .formats import read_inputs  # formats -> segments; plan is imported by config
-
     classes, found = read_inputs(config)
     order = written_order([s.key for s in found.segments], config.order)
     selection = {
