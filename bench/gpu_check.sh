@@ -2,7 +2,7 @@
 # GPU proof for cmkd_scale, one script, < 10 minutes on one H100/H200:
 #   1. install from the project's files (python3.11 -m venv, pip install -e '.[dev]'), unless
 #      the venv already imports the stack (--install auto, the default); or, on the lent GPU
-#      machine (--wheels), join and install the wheels bench/gpu_wheels.sh packed;
+#      machine (--wheels), join and install the wheels dev/gpu_wheels.sh packed;
 #   2. pytest -m gpu tests/        (DALI GPU pipeline parity with kaldi.fbank, GPU loaders)
 #   3. features CLI --device gpu vs kaldi.fbank on generated 10 s clips;
 #   4. bf16 ZeRO-2 KD-AST (AST-B/16 stride 10, 1024x128, EfficientNet-B2 teacher) on generated
@@ -25,7 +25,7 @@
 # --python PY: run the steps with this interpreter as it is (no venv, no install), e.g. the
 # lent machine's python3 (torch 2.11 there). Only the gpu-marked test files whose imports
 # it has are run (those needing mlflow, av... are named in the log and left out).
-# --wheels DIR (implies --python python3): the folder bench/gpu_wheels.sh filled, arriving one
+# --wheels DIR (implies --python python3): the folder dev/gpu_wheels.sh filled, arriving one
 # callN/ folder per device call: each call gathers what arrived into --stash (default
 # /tmp/cmkd_gpu_wheels); --receive-only stops there (the calls before the last). Otherwise,
 # once all are there: check sha256, join the DALI pieces, `pip install --no-index --no-deps

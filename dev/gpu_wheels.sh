@@ -2,7 +2,7 @@
 # Wheels the lent GPU machine lacks, packed for the device tool's calls. Run HERE, before a GPU
 # session (it needs the package index; that machine reaches nothing).
 #
-#   bench/gpu_wheels.sh [--out DIR] [--max-carry-mib N]
+#   dev/gpu_wheels.sh [--out DIR] [--max-carry-mib N]
 #
 # That machine: Python 3.12 (/opt/torch/.venv, plain `python3`) with torch 2.11.0+cu130,
 # torchaudio, timm, numpy, scipy, scikit-learn, pyyaml, psutil, nvidia-ml-py, onnx... but not
@@ -201,7 +201,7 @@ say "$(mib "$total") MiB in all -> $calls calls of <= $(mib "$per_call") MiB"
 rm -rf "$OUT"/call*
 manifest="$(mktemp)"
 trap 'rm -f "$manifest"' EXIT
-printf '# cmkd_scale GPU wheels (bench/gpu_wheels.sh): kind name sha256 bytes call\n' > "$manifest"
+printf '# cmkd_scale GPU wheels (dev/gpu_wheels.sh): kind name sha256 bytes call\n' > "$manifest"
 printf 'calls\t%s\n' "$calls" >> "$manifest"
 mkdir -p "$OUT/call1"
 for whl in "$FULL"/*.whl; do
