@@ -73,6 +73,7 @@ STUDY_KEYS = (
     "teacher.arch",
     "teacher.name",
     "teacher.checkpoint",
+    "tracking.enabled",
     "tracking.uri",
     "tracking.experiment",
     "tracking.parent_run_id",

@@ -128,8 +128,8 @@ def overrides(
             f"teacher.name={cli_value(name)}",
             f"teacher.checkpoint={cli_value(teacher_checkpoint)}",
         ]
-    if study.tracking.enabled:
-        items.append(f"tracking.uri={cli_value(setting.uri)}")
+    if study.tracking.enabled:  # the study's switch wins over the recipe's
+        items += ["tracking.enabled=true", f"tracking.uri={cli_value(setting.uri)}"]
         if setting.experiment:  # "" = the recipe's
             items.append(f"tracking.experiment={cli_value(setting.experiment)}")
         if setting.parent_run_id:
