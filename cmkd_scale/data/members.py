@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from cmkd_scale import SAMPLE_RATE
 from cmkd_scale.data.manifest import ShardSet
-
-SAMPLE_RATE = 16000
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,11 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from cmkd_scale import SAMPLE_RATE
 from cmkd_scale.data.source import SourceBatch
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms
 HOP = 160  # 10 ms
 NFFT = 512  # Kaldi pads the window to the next power of two

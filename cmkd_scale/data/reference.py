@@ -18,11 +18,10 @@ import torch
 import torchaudio
 from torch.utils.data import Dataset
 
+from cmkd_scale import SAMPLE_RATE
 from cmkd_scale.config import DataConfig
 from cmkd_scale.data.manifest import ShardSet
 from cmkd_scale.data.members import MemberReader
-
-SAMPLE_RATE = 16000
 
 
 def decode(flac: bytes | np.ndarray) -> torch.Tensor:

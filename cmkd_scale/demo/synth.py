@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from cmkd_scale import SAMPLE_RATE
+
 # Well-known AudioSet classes, by display name: the demo's labels come from the front of this list.
 DEMO_CLASSES = (
     "Speech",
@@ -85,7 +87,7 @@ def make_synthetic_audioset(
     num_clips: int,
     num_classes_used: int = 8,
     duration_s: float = 3.0,
-    sample_rate: int = 16000,
+    sample_rate: int = SAMPLE_RATE,
     seed: int = 0,
     fmt: str = "wav",
     class_labels_csv: Path | None = None,

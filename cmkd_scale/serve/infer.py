@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmkd_scale import SAMPLE_RATE
 from cmkd_scale.config import DataConfig, ModelConfig
 from cmkd_scale.logs import setup_logging
 from cmkd_scale.models.exported import Export
@@ -253,7 +254,7 @@ def tag_file(clf: Classifier, path: str, *, top_k: int, hop: int, pool: str) -> 
     top = np.argsort(-probs, kind="stable")[:top_k]
     return {
         "file": path,
-        "duration_s": round(len(wave) / 16000, 3),
+        "duration_s": round(len(wave) / SAMPLE_RATE, 3),
         "windows": int(windows.shape[0]),
         "top": [
             {"index": int(i), "label": clf.class_names[i], "prob": round(float(probs[i]), 6)}

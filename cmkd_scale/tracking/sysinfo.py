@@ -6,7 +6,6 @@ No MLflow here: ``tracking`` turns these into tags and ``system/*`` metrics.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from cmkd_scale import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,13 @@ def gpu_name() -> str:
         return "none"
 
 
-def sha256_of(path: str) -> str:
+def url_sha256(path: str) -> str:
     """SHA-256 of a local file or fsspec URL, or ``unavailable`` when it cannot be read."""
     try:
         import fsspec
 
-        digest = hashlib.sha256()
         with fsspec.open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return sha256_of(fh)[0]
     except Exception as exc:  # a missing manifest must not stop training
         log.warning("cannot hash %s for the run tags: %s", path, exc)
         return "unavailable"
@@ -141,7 +139,7 @@ def run_tags(cfg: Any) -> dict[str, str]:
         if location:
             path = manifest_path(location)
             tags[f"data.{split}.manifest"] = path
-            tags[f"data.{split}.sha256"] = sha256_of(path)
+            tags[f"data.{split}.sha256"] = url_sha256(path)
     return tags
 
 
