@@ -3,6 +3,7 @@
     python -m cmkd_scale.evaluate --checkpoint run/models/best.pt [key=value ...]
     python -m cmkd_scale.evaluate --checkpoint a.pt --checkpoint b.pt     # ensemble
     python -m cmkd_scale.evaluate --wa run/ --wa-start 1 --wa-end 5       # weight averaging
+    python -m cmkd_scale.evaluate folds runs/esc50_ast/fold-{1..5} [--metric acc]  # folds
 
 Ensemble = mean of the members' sigmoid outputs (AST's checkpoint ensemble); weight averaging
 = mean of the epoch students' weights, then one evaluation (AST / PSLA "WA").
@@ -63,7 +64,13 @@ def _config_with_overrides(export: Export, overrides: list[str]) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Evaluate one export, an ensemble of exports, or a weight average of epoch exports."""
+    """Evaluate one export, an ensemble of exports, or a weight average of epoch exports;
+    ``folds RUN_DIR ...``: the cross-validation summary of fold runs (folds.py)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["folds"]:
+        from cmkd_scale.evaluate.folds import main as folds_main
+
+        return folds_main(argv[1:])
     setup_logging()
     args = _parse_args(argv)
     if bool(args.checkpoint) == bool(args.wa):
