@@ -150,9 +150,17 @@ class OptimConfig:
     decay_every_epochs: int = 1
     decay_rate: float = 0.5
     min_lr: float = 0.0  # cosine floor
+    # the global batch (clips per optimizer step, all ranks) that lr and warmup_steps were tuned
+    # for: the recipe's reference batch; 0 = not stated (no scaling, no warning)
+    reference_batch: int = 0
+    # a global batch other than reference_batch: none = lr and warm-up as given (a warning says
+    # so); linear / sqrt = lr (and min_lr) x k or sqrt(k), k = global / reference, and the
+    # warm-up keeps its clips (warmup_steps / k steps). See cmkd_scale/train/scale.py.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.reference_batch >= 0, "optim.reference_batch", "must be >= 0 (0 = none)")
         _check(len(self.betas) == 2, "optim.betas", "must be two numbers")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
 
@@ -161,14 +169,23 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 CPU
+    # clips per optimizer step over all ranks: the recipe's reference total batch. grad_accum
+    # then follows from the world size (global = micro x accum x world); a world size that
+    # cannot reach it exactly is refused. 0 = micro_batch x grad_accum x world, as given.
+    global_batch: int = 0
+    # clips per rank per forward pass. With global_batch (and grad_accum 0): the largest one a
+    # rank may take (memory knob): the run uses the largest divisor of global/world <= it.
     micro_batch: int = 12
-    grad_accum: int = 1
+    # micro-batches per optimizer step; 0 = derived from global_batch (1 when that is 0).
+    # Set with global_batch, micro_batch x grad_accum x world must equal it.
+    grad_accum: int = 0
     eval_batch: int = 0  # 0 = micro_batch
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
         _check(self.micro_batch >= 1, "deepspeed.micro_batch", "must be >= 1")
-        _check(self.grad_accum >= 1, "deepspeed.grad_accum", "must be >= 1")
+        _check(self.grad_accum >= 0, "deepspeed.grad_accum", "must be >= 0 (0 = derived)")
+        _check(self.global_batch >= 0, "deepspeed.global_batch", "must be >= 0 (0 = derived)")
 
 
 @dataclass(kw_only=True)

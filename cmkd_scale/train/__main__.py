@@ -23,17 +23,27 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from cmkd_scale.config import load_config
-from cmkd_scale.dist import EXIT_REQUEUE
+from cmkd_scale.config import ConfigError, load_config
 from cmkd_scale.logs import setup_logging
-from cmkd_scale.train import engine
-from cmkd_scale.train.trainer import Trainer
+from cmkd_scale.train.scale import resolve_scale, world_size_from_env
+
+# torch, DeepSpeed and the trainer are imported in main(), after the batch split for this
+# world size has been checked: an impossible split is refused in well under a second.
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cmkd_scale.train", description=__doc__)
     p.add_argument("--config", type=Path, required=True, help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the batch split and effective lr for --world-size (or the launcher's) "
+        "and exit without training",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=0, help="with --plan: ranks to plan for (default: env)"
+    )
     return p.parse_args(argv)
 
 
@@ -41,10 +51,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the config, build the trainer, train, and close with the right status."""
     args = _parse_args(argv)
     setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    world_size = args.world_size or world_size_from_env()
+    try:
+        plan = resolve_scale(cfg, world_size)
+    except ConfigError as exc:
+        print(f"python -m cmkd_scale.train: {exc}", file=sys.stderr)
+        return 2
+    if args.plan:
+        print(plan.describe())
+        print(plan.warning(cfg.optim) or "global batch = the reference batch (or none stated)")
+        return 0
+
+    from cmkd_scale.dist import EXIT_REQUEUE
+    from cmkd_scale.train import engine
+    from cmkd_scale.train.trainer import Trainer
+
     engine.ds_env_defaults()
     # DeepSpeed calls torch.distributed functions torch has deprecated: not our users' concern
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, early_signals=_EARLY_SIGNALS)
     status, note = "FAILED", "crashed; resume from checkpoints/latest"
     try:

@@ -19,6 +19,7 @@ from torch import nn
 
 from cmkd_scale import dist
 from cmkd_scale.config import Config
+from cmkd_scale.train.scale import ScalePlan, resolve_scale
 from cmkd_scale.train.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -38,18 +39,24 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     return _DTYPES[resolve_precision(cfg)]
 
 
-def deepspeed_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this Config (AST's Adam, ZeRO stage, precision, batch sizes)."""
+def deepspeed_config(
+    cfg: Config, *, world_size: int, plan: ScalePlan | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for this Config (AST's Adam, ZeRO stage, precision, batch sizes).
+
+    Batch sizes and lr are the plan's (``train/scale.py``), resolved for ``world_size``.
+    """
     ds, opt = cfg.deepspeed, cfg.optim
+    plan = plan or resolve_scale(cfg, world_size)
     precision = resolve_precision(cfg)
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": ds.micro_batch,
-        "gradient_accumulation_steps": ds.grad_accum,
-        "train_batch_size": ds.micro_batch * ds.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch,
         "optimizer": {
             "type": "Adam",
             "params": {
-                "lr": opt.lr,
+                "lr": plan.lr,
                 "betas": list(opt.betas),
                 "eps": opt.eps,
                 "weight_decay": opt.weight_decay,
@@ -88,16 +95,24 @@ def init_distributed(dist_env: dist.DistEnv) -> None:
 
 
 def build_engine(
-    cfg: Config, model: nn.Module, *, world_size: int, steps_per_epoch: int, total_steps: int
+    cfg: Config,
+    model: nn.Module,
+    *,
+    world_size: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    plan: ScalePlan | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Wrap the student in a DeepSpeed engine with the LR schedule; returns (engine, json)."""
     import deepspeed
 
-    ds_json = deepspeed_config(cfg, world_size=world_size)
+    plan = plan or resolve_scale(cfg, world_size)
+    ds_json = deepspeed_config(cfg, world_size=world_size, plan=plan)
+    optim = plan.optim(cfg.optim)  # the effective lr and warm-up (lr_scaling)
 
     def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return make_scheduler(
-            optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+            optimizer, optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps
         )
 
     engine, _, _, _ = deepspeed.initialize(

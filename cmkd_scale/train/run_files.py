@@ -45,6 +45,7 @@ def open_tracker(
     state: TrainerState,
     *,
     resumed_from: str | None,
+    extra_params: dict[str, Any] | None = None,
 ) -> Tracker:
     """The run's tracker (a no-op one on ranks > 0); a resumed run continues its MLflow run."""
     id_file = run_dir / "tracker_run_id"
@@ -57,7 +58,7 @@ def open_tracker(
         if tracker.run_id:
             id_file.write_text(str(tracker.run_id))
         if run_id is None:
-            tracker.log_params(cfg.flat())
+            tracker.log_params({**cfg.flat(), **(extra_params or {})})
         tracker.log_artifact(run_dir / "deepspeed.json")
     tracker.set_tags(
         {

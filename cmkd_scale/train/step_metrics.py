@@ -90,6 +90,7 @@ class StepReporter:
             "kd_loss": meter.kd_loss / micro,
             "lr": meter.lr,
             "grad_norm": grad_norm,
+            "clips": clips,  # clips in this optimizer step, all ranks (the global batch)
             "clips_per_s": clips / elapsed if elapsed > 0 else 0.0,
             "data_wait_frac": meter.data_wait / elapsed if elapsed > 0 else 0.0,
             "teacher_ms": meter.teacher_ms / micro,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cmkd_scale import dist
-from cmkd_scale.config import Config, ConfigError
+from cmkd_scale.config import Config
 from cmkd_scale.dist import EXIT_REQUEUE
 from cmkd_scale.models.exported import copy_export, epoch_tag
 from cmkd_scale.train import engine
@@ -29,21 +29,19 @@ from cmkd_scale.train.checkpoint import CheckpointManager, TrainerState, capture
 from cmkd_scale.train.evaluator import TrainEvaluator
 from cmkd_scale.train.nonfinite import handle_nonfinite
 from cmkd_scale.train.run_files import open_tracker, warn_config_changes, write_run_files
+from cmkd_scale.train.scale import ScalePlan, resolve_scale, world_size_from_env
 from cmkd_scale.train.step_metrics import JsonlLog, StepMeter, StepReporter
 
 log = logging.getLogger(__name__)
 
 
-def check_supported(cfg: Config) -> None:
-    """Refuse combinations of settings that the training loop cannot honour."""
-    if cfg.run.nonfinite_loss == "skip" and cfg.deepspeed.grad_accum > 1:
-        # DeepSpeed counts micro-batches itself: one left out of backward/step moves every
-        # later accumulation boundary, and an epoch would end inside an optimizer step.
-        raise ConfigError(
-            "config keys 'run.nonfinite_loss' and 'deepspeed.grad_accum': skipping non-finite "
-            f"batches needs grad_accum=1, got {cfg.deepspeed.grad_accum}; set "
-            "run.nonfinite_loss=stop, or deepspeed.grad_accum=1 with a larger micro_batch"
-        )
+def check_supported(cfg: Config, world_size: int | None = None) -> ScalePlan:
+    """Refuse settings the training loop cannot honour; the batch/lr plan for ``world_size``.
+
+    ``world_size`` None: the launcher's (WORLD_SIZE / SLURM_NTASKS, else 1). An impossible
+    batch split and non-finite skipping with gradient accumulation are refused here.
+    """
+    return resolve_scale(cfg, world_size or world_size_from_env())
 
 
 class Trainer:
@@ -56,9 +54,10 @@ class Trainer:
         from cmkd_scale.distill.teacher import build_teacher
         from cmkd_scale.models import build_model, load_pretrained
 
-        check_supported(cfg)
         self.cfg = cfg
         self.env = dist.resolve_dist_env()
+        # the batch split and lr for this world size, refused before any process group exists
+        self.plan = check_supported(cfg, self.env.world_size)
         engine.init_distributed(self.env)
         self.device = dist.device_for(self.env)
         self.run_dir = Path(cfg.run.dir)
@@ -85,10 +84,14 @@ class Trainer:
         )
 
         loader_device = "gpu" if self.device.type == "cuda" else "cpu"
-        ds = cfg.deepspeed
+        ds, plan = cfg.deepspeed, self.plan
+        if self.is_main:
+            log.info("batch: %s", plan.describe())
+            if plan.warning(cfg.optim):
+                log.warning("%s", plan.warning(cfg.optim))
         self.train_loader = TrainLoader(
             cfg.data,
-            micro_batch=ds.micro_batch,
+            micro_batch=plan.micro_batch,
             rank=self.env.rank,
             world_size=self.env.world_size,
             seed=cfg.run.seed,
@@ -109,11 +112,12 @@ class Trainer:
             )
         self.class_names = list(self.train_loader.class_names)
         # Whole optimizer steps per epoch; a tail of < grad_accum micro-batches is dropped.
-        self.steps_per_epoch = self.train_loader.steps_per_epoch // ds.grad_accum
+        self.steps_per_epoch = self.train_loader.steps_per_epoch // plan.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"an epoch has {self.train_loader.steps_per_epoch} micro-batches per rank, fewer "
-                f"than deepspeed.grad_accum={ds.grad_accum}; lower grad_accum or micro_batch"
+                f"than grad_accum {plan.grad_accum} ({plan.describe()}); lower "
+                "deepspeed.global_batch or raise deepspeed.micro_batch"
             )
         self.total_steps = cfg.run.epochs * self.steps_per_epoch
         if cfg.run.max_steps:
@@ -138,6 +142,7 @@ class Trainer:
             world_size=self.env.world_size,
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
+            plan=plan,
         )
         torch.manual_seed(cfg.run.seed + 1000 * self.env.rank)  # per-rank dropout streams
         n_params = sum(p.numel() for p in student.parameters())
@@ -160,13 +165,18 @@ class Trainer:
         self.resumed_from = latest
         write_run_files(cfg, self.run_dir, ds_json, is_main=self.is_main)
         self.tracker = open_tracker(
-            cfg, self.env, self.run_dir, self.state, resumed_from=self.resumed_from
+            cfg,
+            self.env,
+            self.run_dir,
+            self.state,
+            resumed_from=self.resumed_from,
+            extra_params=plan.params(),  # effective.global_batch etc. beside cfg.flat()
         )
         self.metrics_log = JsonlLog(self.run_dir / "metrics.jsonl" if self.is_main else None)
         self.reporter = StepReporter(
             tracker=self.tracker,
             jsonl=self.metrics_log,
-            micro_batch=ds.micro_batch,
+            micro_batch=plan.micro_batch,
             world_size=self.env.world_size,
             total_steps=self.total_steps,
             device=self.device,
@@ -223,8 +233,8 @@ class Trainer:
 
     def _train_epoch(self) -> str:
         """Train until the epoch ends ('epoch_end'), max_steps ('max_steps') or preemption."""
-        state, cfg = self.state, self.cfg
-        limit = self.steps_per_epoch * cfg.deepspeed.grad_accum
+        state = self.state
+        limit = self.steps_per_epoch * self.plan.grad_accum
         self.engine.train()
         batches = self.train_loader.epoch_batches(state.epoch, start_step=state.batch_in_epoch)
         meter = StepMeter(start=time.perf_counter())
