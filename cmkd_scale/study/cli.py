@@ -61,7 +61,7 @@ def run_study(
     setting = Setting(uri, experiment, parent_id)
     status = "FAILED"
     try:
-        _train_all(study, recipe, out, trainings, setting, echo)
+        _train_all(study, recipe, out, trainings, setting, echo, probe)
         result = _assemble(study, recipe, out, trainings, setting, extra_info or {})
         result["wall_s"] = round(time.monotonic() - started, 1)
         _write_outputs(result, out, parent, echo)
@@ -81,11 +81,19 @@ def _train_all(
     trainings: list[Training],
     setting: Setting,
     echo: Echo,
+    configs: dict[str, Any],
 ) -> None:
     todo = [t for t in trainings if not is_done(t.run_dir)]
     for t in trainings:
         if t not in todo:
             echo(f"{t.id}: finished before (report in {t.run_dir}), skipped")
+            changed = _changed_keys(t.run_dir, configs[t.id])
+            if changed:
+                echo(
+                    f"  note: {t.id} was trained with other values of {', '.join(changed[:8])}"
+                    f"{' ...' if len(changed) > 8 else ''} than this study config gives; its "
+                    f"results are kept (delete {t.run_dir} to train it again)"
+                )
     counter = [0, len(todo)]
     for phase in (1, 2):
         jobs = []
@@ -117,6 +125,28 @@ def _train_all(
             run_local(jobs, recipe, study.launch.nproc, echo, counter)
 
 
+def _changed_keys(run_dir: Path, cfg: Any) -> list[str]:
+    """Config keys whose value in the finished run differs from what the study would set now
+    (tracking and the teacher's checkpoint path left out)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except OSError:
+        return []
+    now = yaml.safe_load(cfg.to_yaml())
+    changed = []
+    for section, values in now.items():
+        if section == "tracking":
+            continue
+        for key, value in values.items():
+            if f"{section}.{key}" == "teacher.checkpoint":
+                continue
+            if (saved.get(section) or {}).get(key, value) != value:
+                changed.append(f"{section}.{key}")
+    return changed
+
+
 def _teacher(out: Path, t: Training) -> tuple[str, tuple[str, str]]:
     """The KD row's teacher: the reported model of its family's seed-0 baseline."""
     run = teacher_run(out, t)
@@ -146,7 +176,7 @@ def _assemble(
             teacher = read_report(run)["checkpoint"]
         note = read_note(t.run_dir)
         entries.append(entry(t, report, teacher=teacher, wall_s=note.get("wall_s")))
-    selected = sorted({str(e["selected_on"]) for e in entries if e.get("selected_on")})
+    selected = _reported(entries)
     return {
         "name": study.name,
         "metric": study.metric,
@@ -160,7 +190,7 @@ def _assemble(
             "train_clips": _num_samples(study.data.train),
             "eval_clips": _num_samples(study.data.eval),
         },
-        "selected_on": "/".join(selected) or "eval",
+        "selected_on": selected,
         "chance": _chance(study.data.eval),
         "mlflow": {
             "uri": setting.uri,
@@ -171,6 +201,22 @@ def _assemble(
         **extra,
         "entries": entries,
     }
+
+
+def _reported(entries: list[dict[str, Any]]) -> str:
+    """Which models the scores are of, in words: 'best on val by mAP', 'final', ..."""
+    kinds = set()
+    for e in entries:
+        model, on = e.get("model") or "best", e.get("selected_on")
+        if model == "best" and on:
+            kinds.add(f"best on {on} by {e.get('select_metric') or 'mAP'}")
+        elif model == "best":
+            kinds.add("best on eval")
+        elif model == "wa":
+            kinds.add("weight average, no val set")
+        else:
+            kinds.add(f"{model}, no val set")
+    return " / ".join(sorted(kinds)) or "?"
 
 
 def _manifest(location: str) -> dict[str, Any] | None:

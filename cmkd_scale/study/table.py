@@ -219,14 +219,19 @@ def _reasons(
                 "little to transfer.",
             )
         )
-    last = sum(
-        1 for e in kd.entries if e.get("epochs") and e.get("epoch") and e["epoch"] >= e["epochs"]
+    last = sum(  # a model chosen as the best of the run, taken at its very last epoch
+        1
+        for e in kd.entries
+        if (e.get("model") or "best") == "best"
+        and e.get("epochs")
+        and e.get("epoch")
+        and e["epoch"] >= e["epochs"]
     )
     if last:
         out.append(
             (
                 4,
-                f"the student's reported model is from its last epoch in {last} of {kd.n} "
+                f"the student's best model is from its last epoch in {last} of {kd.n} "
                 "run(s): still improving when training stopped, so both are unfinished models "
                 "and more epochs may change the order.",
             )
@@ -258,10 +263,10 @@ def format_table(study: dict[str, Any]) -> tuple[str, list[Verdict]]:
     other = "acc" if metric == "mAP" else "mAP"
     stats = rows(study)
     n_seeds = study.get("seeds")
-    selected = study.get("selected_on") or "eval"
+    selected = study.get("selected_on") or "?"
     head = (
-        f"CMKD study '{study.get('name', 'study')}': {n_seeds} seed(s) per row, scores on the "
-        f"eval set of each run's reported model (selected on {selected}); mean ± std over seeds"
+        f"CMKD study '{study.get('name', 'study')}': {n_seeds} seed(s) per row; eval-set scores "
+        f"of each run's reported model ({selected}); mean ± std over seeds"
     )
     lines = [head, ""]
     header = (

@@ -150,3 +150,11 @@ def test_study_config_refuses_unknown_keys_naming_them(tmp_path: Path):
         load_study(path, ["rows=cnn,cnn3ast"])
     with pytest.raises(ConfigError, match=r"'launch\.mode'"):
         load_study(path, ["launch.mode=cloud"])
+
+
+def test_a_final_model_is_not_called_still_improving():
+    study = _study({"ast": [0.40], "ast2cnn": [0.30], "cnn": [0.35]})
+    for e in study["entries"]:
+        e["model"], e["epoch"], e["epochs"] = "final", 5, 5  # no val set: the last epoch's model
+    _, verdicts = format_table(study)
+    assert not any("last epoch" in r for r in verdicts[0].reasons)
