@@ -16,13 +16,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .decoders import DEFAULT_TIMEOUT_S
-from .plan import PlanError
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_ORDER_SEED = 0
 # --format: how --segments and --class-labels are read (formats.py)
 FORMATS = ("audioset", "esc50", "fsd50k", "csv")
 FSD50K_SPLITS = ("train", "val")
+
+
+class PlanError(ValueError):
+    """The output already holds a different plan, or the task split is invalid."""
 
 
 class ConfigError(PlanError):

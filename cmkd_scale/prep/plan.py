@@ -15,21 +15,14 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import audio_io
+from .config import PlanError, PrepConfig
 from .formats import read_inputs
 from .segments import BadLine, ClassIndex, Segment
 
-if TYPE_CHECKING:
-    from .config import PrepConfig
-
 PLAN_FORMAT = "cmkd_scale.prep-plan/1"
 PLAN_FILE = "plan.json"
-
-
-class PlanError(ValueError):
-    """The output already holds a different plan, or the task split is invalid."""
 
 
 def canonical_json(obj: object) -> bytes:
