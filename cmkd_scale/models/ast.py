@@ -8,7 +8,8 @@ Follows AST ``src/models/ast_models.py`` (ASTModel) with timm 1.x:
 - Tokens: CLS (+ distillation token for DeiT-distilled backbones), positional embedding,
   the backbone's blocks and final norm; the output is the mean of the CLS and distillation
   token outputs (CLS alone for a plain ViT), then ``mlp_head`` = LayerNorm + Linear.
-- From ImageNet weights (a local timm state dict): the patch projection's RGB kernels are
+- From ImageNet weights (``timm:deit_base_distilled_patch16_384.fb_in1k`` or a local timm
+  state dict; models/pretrained.py): the patch projection's RGB kernels are
   summed to one channel; the positional embedding grid is cut from the middle or bilinearly
   interpolated to ``f_dim x t_dim`` (AST's rule, per axis).  Without them the positional
   embedding is random (trunc normal, std 0.02).
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import logging
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+
+from cmkd_scale.models.pretrained import create_timm
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +105,9 @@ class ASTModel(nn.Module):
             for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads))
             if value
         }
-        pretrained = {}
         if imagenet_weights:
-            pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": imagenet_weights}}
-            log.info("AST: ImageNet weights from %s", imagenet_weights)
-        self.v = timm.create_model(name, drop_path_rate=drop_path, **overrides, **pretrained)
+            log.info("AST: ImageNet weights %s", imagenet_weights)
+        self.v = create_timm(name, imagenet_weights, drop_path_rate=drop_path, **overrides)
         if not hasattr(self.v, "cls_token") or not hasattr(self.v, "pos_embed"):
             raise ValueError(
                 f"model.name={name!r} is not a timm ViT/DeiT (no cls_token/pos_embed): AST needs "

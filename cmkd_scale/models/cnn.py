@@ -10,12 +10,18 @@ Layer structure follows PSLA ``src/models/Models.py`` (EffNetAttention) and
   for B0/B1/B2) and then applied to any input.  For B1/B2 this differs from timm's dynamic
   "same" padding on 128-bin spectrograms, so the strided convs are swapped for
   :class:`StaticSamePadConv2d` with PSLA's pads; a PSLA checkpoint then gives PSLA's outputs.
-- ImageNet weights from a local file: timm adapts the stem to one channel by summing the RGB
-  kernels (as AST does for its patch embedding).  PSLA instead re-initialises the stem
-  (``efficientnet_pytorch._change_in_channels``); we keep the pretrained kernels.
+- ImageNet weights (``model.imagenet_weights``: ``timm:tf_efficientnet_bN.aa_in1k`` = the
+  efficientnet_pytorch weights PSLA loads, or a local file; models/pretrained.py): timm
+  adapts the stem to one channel by summing the RGB kernels (as AST does for its patch
+  embedding).  PSLA instead re-initialises the stem (``efficientnet_pytorch``'s
+  ``_change_in_channels``); we keep the pretrained kernels.
 - Features are averaged over frequency (PSLA: ``AvgPool2d((4, 1))`` on the 4 remaining bins)
   and pooled over time by ``attention`` (per-head 1x1 conv attention and classification maps,
   normalised attention over time, learnable head weights) or ``mean``.
+- BatchNorm as efficientnet_pytorch: eps 1e-3 (timm's tf_ default) and momentum 0.01 in
+  PyTorch's convention (running = (1 - m)·running + m·batch; efficientnet_pytorch's
+  ``batch_norm_momentum=0.99`` is TF's decay, passed to PyTorch as ``1 - 0.99``); timm's own
+  default would be 0.1.
 - Output: logits.  With ``cla_activation="linear"`` (CMKD) the pooled values are logits.  PSLA's
   released models use ``sigmoid`` and output probabilities; those are turned back into logits
   (clamped to the dtype's epsilon) so every model here has the same contract.
@@ -28,12 +34,16 @@ import math
 import re
 from typing import Literal
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmkd_scale.models.pretrained import create_timm
+
 log = logging.getLogger(__name__)
+
+# efficientnet_pytorch's BatchNorm: PyTorch momentum 1 - batch_norm_momentum (0.99, TF decay).
+PSLA_BN_MOMENTUM = 0.01
 
 # efficientnet_pytorch's ImageNet resolution per variant (its static "same" padding uses it).
 PSLA_RESOLUTION = {0: 224, 1: 240, 2: 260, 3: 300, 4: 380, 5: 456, 6: 528, 7: 600}
@@ -196,19 +206,20 @@ class EffNetAttention(nn.Module):
         super().__init__()
         variant = efficientnet_variant(name)
         timm_name = f"tf_efficientnet_b{variant}"
-        pretrained = {}
         if imagenet_weights:
-            pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": imagenet_weights}}
-            log.info("EfficientNet-B%d: ImageNet weights from %s", variant, imagenet_weights)
-        self.effnet = timm.create_model(
+            log.info("EfficientNet-B%d: ImageNet weights %s", variant, imagenet_weights)
+        self.effnet = create_timm(
             timm_name,
+            imagenet_weights,
             in_chans=1,
             num_classes=0,
             global_pool="",
             drop_path_rate=drop_path,
-            **pretrained,
         )
         use_psla_padding(self.effnet, PSLA_RESOLUTION[variant])
+        for module in self.effnet.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = PSLA_BN_MOMENTUM
         n_in = self.effnet.num_features
         if pooling == "mean":
             self.attention: nn.Module = MeanPooling(n_in, num_classes, cla_activation)

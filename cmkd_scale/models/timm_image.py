@@ -3,17 +3,18 @@
 The spectrogram ``[B, T, F]`` is fed as a one-channel image ``[B, 1, F, T]`` (frequency as
 height, time as width, like AST and PSLA); timm builds the model with ``in_chans=1`` and
 ``num_classes=C`` and its own global pooling.  Models with a fixed input size (ViTs) are built
-for ``img_size=(F, T)`` when they accept it.  ImageNet weights come from a local file; timm sums
-the RGB stem kernels to one channel.
+for ``img_size=(F, T)`` when they accept it.  ImageNet weights: ``timm:<name>.<tag>`` or a
+local file (models/pretrained.py); timm sums the RGB stem kernels to one channel.
 """
 
 from __future__ import annotations
 
 import logging
 
-import timm
 import torch
 from torch import nn
+
+from cmkd_scale.models.pretrained import create_timm
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,12 @@ class TimmClassifier(nn.Module):
         kwargs: dict = {"in_chans": 1, "num_classes": num_classes}
         if drop_path:
             kwargs["drop_path_rate"] = drop_path
-        if imagenet_weights:
-            kwargs["pretrained"] = True
-            kwargs["pretrained_cfg_overlay"] = {"file": imagenet_weights}
         try:
-            self.model = timm.create_model(name, img_size=(input_fdim, input_tdim), **kwargs)
+            self.model = create_timm(
+                name, imagenet_weights, img_size=(input_fdim, input_tdim), **kwargs
+            )
         except TypeError:  # convolutional nets take any size and no img_size argument
-            self.model = timm.create_model(name, **kwargs)
+            self.model = create_timm(name, imagenet_weights, **kwargs)
         self.arch_name = f"timm-{name}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
