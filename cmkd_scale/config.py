@@ -55,7 +55,11 @@ class RunConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train: str = ""  # shard dir, manifest.json path or fsspec URL
-    eval: str = ""
+    eval: str = ""  # the report's set: read once, at the end, for the reported model only
+    # validation split (shard dir / manifest / URL): every evaluation during training scores
+    # it, and models/best.pt is chosen on it by eval.select_metric; "" = no model is chosen
+    # (the report is eval.wa_* 's weight average, else the final model)
+    val: str = ""
     target_length: int = 1024  # frames after pad/crop (AudioSet: 1024 = 10.24 s)
     num_mel_bins: int = 128
     norm_mean: float = -4.2677393  # AST's AudioSet stats
@@ -193,6 +197,8 @@ class EvalConfig:
     teacher: bool = True  # also evaluate the frozen teacher (once) and log it beside the student
     wa_start_epoch: int = 0  # weight averaging range (1-based, inclusive); 0 = off
     wa_end_epoch: int = 0
+    # what chooses models/best.pt on data.val: mAP (multi-label sets), acc (single-label, ESC-50)
+    select_metric: Literal["mAP", "acc"] = "mAP"
 
 
 @dataclass(kw_only=True)

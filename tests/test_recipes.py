@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cmkd_scale.config import load_config
+from cmkd_scale.train.report import reported_checkpoint, reported_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
@@ -44,9 +45,10 @@ def test_recipe_matches_its_name_and_its_teacher_recipe(path):
         assert cfg.teacher.arch == "none"
         return
     assert cfg.teacher.arch == ARCH[teacher]
-    # the teacher checkpoint is what the teacher-training recipe writes
+    # the teacher checkpoint is the model the teacher-training recipe reports
     teacher_recipe = load_config(CONFIGS / f"{prefix}_{teacher}.yaml")
-    assert cfg.teacher.checkpoint == f"{teacher_recipe.run.dir}/models/best.pt"
+    reported = reported_checkpoint(teacher_recipe)  # models/best.pt, wa.pt or final.pt
+    assert cfg.teacher.checkpoint == f"{teacher_recipe.run.dir}/{reported}"
     # consistent teaching: the teacher was trained on the features the student sees
     for key in ("target_length", "num_mel_bins", "norm_mean", "norm_std"):
         assert getattr(cfg.data, key) == getattr(teacher_recipe.data, key), key
@@ -72,3 +74,29 @@ def test_esc50_fold_placeholder_is_documented():
         assert "for f in 1 2 3 4 5" in text
         fold = load_config(path, ["data.train=data/esc50/shards/fold-3/train"])
         assert fold.data.train.endswith("fold-3/train")
+
+
+# what each dataset's recipes report: best.pt chosen on FSD50K's val split (PSLA), AudioSet's
+# weight average (AST: no val split), ESC-50's final model per fold (one epoch for all folds
+# is chosen afterwards by `python -m cmkd_scale.evaluate folds`)
+REPORTS = {"audioset": "wa", "fsd50k": "best", "esc50": "final"}
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
+def test_recipe_reports_its_dataset_s_model_chosen_on_val_only(path):
+    prefix = RECIPE.fullmatch(path.stem).group(1)
+    cfg = load_config(path)
+    dataset = prefix.split("_")[0]
+    assert reported_model(cfg) == REPORTS[dataset]
+    assert bool(cfg.data.val) == (dataset == "fsd50k")
+    if cfg.data.val:
+        assert cfg.data.val != cfg.data.eval
+    assert cfg.eval.select_metric == ("acc" if dataset == "esc50" else "mAP")
+    if dataset == "audioset":
+        assert 1 <= cfg.eval.wa_start_epoch <= cfg.eval.wa_end_epoch <= cfg.run.epochs
+    # a fine-tuning start (ESC-50 from AudioSet) is the model that AudioSet recipe reports
+    if cfg.model.checkpoint.startswith("runs/"):
+        source = cfg.model.checkpoint.split("/")[1]
+        source_recipe = load_config(CONFIGS / f"{source}.yaml")
+        assert source_recipe.run.dir == f"runs/{source}"
+        assert cfg.model.checkpoint == f"runs/{source}/{reported_checkpoint(source_recipe)}"

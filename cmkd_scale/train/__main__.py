@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = "KILLED"
             note = f"preempted at step {trainer.state.global_step}; requeue resumes it"
         else:
-            status, note = "FINISHED", f"best mAP {trainer.state.best_map:.4f}"
+            report = trainer.report or {}
+            status = "FINISHED"
+            note = f"reports {report.get('model')}: eval mAP {report.get('mAP', float('nan')):.4f}"
         return code
     finally:
         trainer.close(status, note)

@@ -7,7 +7,7 @@ Layout under ``run.dir``::
     checkpoints/<tag>/...                 DeepSpeed files (module, ZeRO partitions, schedule)
     checkpoints/<tag>/trainer-rank<r>.pt  TrainerState of rank r (loader position, RNG, ...)
     checkpoints/latest                    tag of the newest COMPLETE checkpoint
-    models/epoch-<e>.pt, best.pt, final.pt   consolidated fp32 student for inference
+    models/epoch-<e>.pt, best.pt, wa.pt, final.pt   consolidated fp32 student for inference
 
 ``latest`` moves only after every rank has written everything (barrier), via an atomic
 rename, so a crash mid-save leaves the previous checkpoint in charge.  Tags: ``epoch-003``
@@ -45,14 +45,31 @@ class TrainerState:
     epoch: int = 1  # 1-based epoch being trained
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
     global_step: int = 0  # optimizer steps done
-    best_map: float = float("-inf")
+    # the model chosen on data.val (models/best.pt): its selection-metric value, the metric's
+    # name (eval.select_metric), its checkpoint tag, epoch, step and its whole val summary
+    best_score: float = float("-inf")
+    best_metric: str = ""
     best_tag: str = ""
+    best_epoch: int = 0
+    best_step: int = 0
+    best_summary: dict[str, float] = field(default_factory=dict)
     nonfinite_skips: int = 0
     tracker_run_id: str | None = None
     loader: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainerState:
+        """The state a checkpoint holds; one of an older trainer chose best.pt by mAP on the
+        eval set (``best_map``): that choice is not carried over to a choice on data.val."""
+        saved = dict(saved)
+        if "best_map" in saved:
+            saved.pop("best_map")
+            saved["best_tag"] = ""
+            log.warning("checkpoint of an older trainer: its best model (chosen on eval) dropped")
+        return cls(**saved)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -139,7 +156,7 @@ class CheckpointManager:
         fallback = self.ckpt_dir / tag / "trainer-rank0.pt"
         path = own if own.is_file() else fallback
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        state = TrainerState(**saved)
+        state = TrainerState.from_saved(saved)
         if path is fallback and self.rank != 0:
             log.warning("no trainer state for rank %d in %s: RNG/loader re-derived", self.rank, tag)
             state.rng, state.loader = {}, {}

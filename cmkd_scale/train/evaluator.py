@@ -1,13 +1,19 @@
 """Evaluation during training: the student at epoch ends / every N steps, the teacher once.
 
+Which set: ``data.val`` when the run has one -- those evaluations choose ``models/best.pt``
+(by ``eval.select_metric``) and are written as ``eval/val_<name>_*``, logged as ``val/*``;
+without it, the eval set, for monitoring curves only (AST's per-epoch eval): written as
+``eval/<name>_*``, logged as ``eval/*``, and they choose nothing. The eval set's report of the
+chosen model at the end of the run is :mod:`cmkd_scale.train.report`'s.
+
 Every evaluation runs on all ranks (a ZeRO-3 forward needs every rank), gathers the
 predictions to rank 0 once (:func:`cmkd_scale.evaluate.evaluate`), where they are written as
-``eval/<name>_{predictions.npz,class_ap.csv,summary.json}`` and logged to the tracker; every
-rank gets the summary back, so all of them take the same best-model decision.
+``eval/<prefix><name>_{predictions.npz,class_ap.csv,summary.json}`` and logged to the tracker;
+every rank gets the summary back, so all of them take the same best-model decision.
 
 Weights change only at optimizer steps, so a second evaluation at the same step (a step
 evaluation that falls on an epoch end, or on the run's last step) reuses the first result: its
-files are written under the second name too, without another pass over the eval set.
+files are written under the second name too, without another pass over the set.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ Record = Callable[[dict[str, Any]], None]  # rank 0's metrics.jsonl writer (no-o
 
 
 class TrainEvaluator:
-    """Scores the student during training and the frozen teacher once, on the eval set."""
+    """Scores the student during training and the frozen teacher once, on ``split``."""
 
     def __init__(
         self,
         loader: Any,
         *,
+        split: str,
         device: torch.device,
         out_dir: Path,
         class_names: Sequence[str],
@@ -43,6 +50,8 @@ class TrainEvaluator:
         record: Record,
     ) -> None:
         self.loader = loader
+        self.split = split  # "val" (chooses best.pt) or "eval" (monitoring curves only)
+        self.prefix = "" if split == "eval" else f"{split}_"  # of the files under eval/
         self.device = device
         self.out_dir = out_dir
         self.class_names = list(class_names)
@@ -70,25 +79,38 @@ class TrainEvaluator:
         self._latest = (step, name, result)
         summary = result.summary
         if self.is_main:
-            save_result(result, self.out_dir, name, self.class_names)
-            self.tracker.log_eval(result, step=step, epoch=epoch, class_names=self.class_names)
-        self.record({"step": step, "eval": name, **summary})
+            save_result(result, self.out_dir, self.prefix + name, self.class_names)
+            self.tracker.log_eval(
+                result, step=step, epoch=epoch, class_names=self.class_names, prefix=self.split
+            )
+        self.record({"step": step, "epoch": epoch, "eval": name, "split": self.split, **summary})
         log.info(
-            "eval %s: mAP %.4f mAUC %.4f d' %.3f",
+            "%s %s%s: mAP %.4f mAUC %.4f d' %.3f acc %.4f",
+            self.split,
             name,
+            "" if self.split == "val" else " (monitoring only: chooses nothing)",
             summary["mAP"],
             summary["mAUC"],
             summary["dprime"],
+            summary["acc"],
         )
         return summary
+
+    def latest(self, step: int) -> EvalResult | None:
+        """The result of this process's evaluation at ``step``, if there was one."""
+        if self._latest is not None and self._latest[0] == step:
+            return self._latest[2]
+        return None
 
     def _reuse(self, name: str, step: int, first: str, result: EvalResult) -> dict[str, float]:
         """``name`` scores the weights ``first`` already scored at ``step``: files and record."""
         if name != first:
-            log.info("eval %s: the weights of %s (step %d), scored once", name, first, step)
+            log.info(
+                "%s %s: the weights of %s (step %d), scored once", self.split, name, first, step
+            )
             if self.is_main:
-                save_result(result, self.out_dir, name, self.class_names)
-            self.record({"step": step, "eval": name, **result.summary})
+                save_result(result, self.out_dir, self.prefix + name, self.class_names)
+            self.record({"step": step, "eval": name, "split": self.split, **result.summary})
         return result.summary
 
     def teacher(self, teacher: torch.nn.Module, *, step: int, epoch: int) -> None:
@@ -107,22 +129,27 @@ class TrainEvaluator:
 
             self._teacher_result = evaluate(forward, self.loader, device=self.device)
             summary = self._teacher_result.summary
-            log.info("teacher eval: mAP %.4f mAUC %.4f", summary["mAP"], summary["mAUC"])
+            log.info(
+                "teacher on %s: mAP %.4f mAUC %.4f", self.split, summary["mAP"], summary["mAUC"]
+            )
             if self.is_main:
-                save_result(self._teacher_result, self.out_dir, "teacher", self.class_names)
+                save_result(
+                    self._teacher_result, self.out_dir, f"{self.prefix}teacher", self.class_names
+                )
         if self.is_main:
             self.tracker.log_eval(
                 self._teacher_result,
                 step=step,
                 epoch=epoch,
                 class_names=self.class_names,
-                prefix="teacher",
+                prefix=f"{self.prefix}teacher",
             )
 
     def _saved_teacher(self) -> EvalResult | None:
         """The teacher's evaluation saved by an earlier process of this run, if complete."""
-        saved = self.out_dir / "teacher_predictions.npz"
-        if not (saved.is_file() and (self.out_dir / "teacher_summary.json").is_file()):
+        saved = self.out_dir / f"{self.prefix}teacher_predictions.npz"
+        summary_file = self.out_dir / f"{self.prefix}teacher_summary.json"
+        if not (saved.is_file() and summary_file.is_file()):
             return None
         try:
             with np.load(saved) as arrays:
@@ -133,5 +160,9 @@ class TrainEvaluator:
         if probs.shape != (self.loader.num_samples, len(self.class_names)):
             return None  # another eval set: score the teacher again
         summary, ap, auc = score(probs, targets)
-        log.info("teacher eval: mAP %.4f (saved by an earlier process of this run)", summary["mAP"])
+        log.info(
+            "teacher on %s: mAP %.4f (saved by an earlier process of this run)",
+            self.split,
+            summary["mAP"],
+        )
         return EvalResult(summary, ap, auc, probs, targets)

@@ -5,12 +5,17 @@ that same augmented batch (frozen, no grad) -> student logits (DeepSpeed engine)
 -> engine.backward/step.  Every micro-batch ends with ONE all-reduce carrying the losses, a
 non-finite flag and the preemption flag, so all ranks skip or stop at the same step.
 A run dir that holds a checkpoint is resumed automatically. The command is in __main__.py.
+
+Evaluations during training score ``data.val`` and choose ``models/best.pt`` on it, or without
+a val set score the eval set for monitoring only; the eval set itself is read at the very end,
+for the reported model only (report.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -21,13 +26,22 @@ from typing import Any
 import torch
 
 from cmkd_scale import dist
-from cmkd_scale.config import Config
+from cmkd_scale.config import Config, ConfigError
 from cmkd_scale.dist import EXIT_REQUEUE
 from cmkd_scale.models.exported import copy_export, epoch_tag
 from cmkd_scale.train import engine
 from cmkd_scale.train.checkpoint import CheckpointManager, TrainerState, capture_rng, step_tag
 from cmkd_scale.train.evaluator import TrainEvaluator
 from cmkd_scale.train.nonfinite import handle_nonfinite
+from cmkd_scale.train.report import NAME as REPORT
+from cmkd_scale.train.report import SUMMARY as REPORT_SUMMARY
+from cmkd_scale.train.report import (
+    Choice,
+    previous_report,
+    reported_model,
+    summary_dict,
+    weight_average,
+)
 from cmkd_scale.train.run_files import open_tracker, warn_config_changes, write_run_files
 from cmkd_scale.train.scale import ScalePlan, resolve_scale, world_size_from_env
 from cmkd_scale.train.step_metrics import JsonlLog, StepMeter, StepReporter
@@ -41,7 +55,13 @@ def check_supported(cfg: Config, world_size: int | None = None) -> ScalePlan:
     ``world_size`` None: the launcher's (WORLD_SIZE / SLURM_NTASKS, else 1). An impossible
     batch split and non-finite skipping with gradient accumulation are refused here.
     """
-    return resolve_scale(cfg, world_size or world_size_from_env())
+    plan = resolve_scale(cfg, world_size or world_size_from_env())
+    if not cfg.data.eval:
+        raise ConfigError(
+            "config key 'data.eval': every run ends with its report on the eval set; set "
+            "data.eval (and data.val for the set that chooses the model)"
+        )
+    return plan
 
 
 class Trainer:
@@ -49,7 +69,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, early_signals: Sequence[int] = ()) -> None:
         """Build everything; ``early_signals``: preemption signals seen before this ran."""
-        from cmkd_scale.data import EvalLoader, TrainLoader
+        from cmkd_scale.data import TrainLoader
         from cmkd_scale.distill.loss import DistillLoss
         from cmkd_scale.distill.teacher import build_teacher
         from cmkd_scale.models import build_model, load_pretrained
@@ -97,19 +117,13 @@ class Trainer:
             seed=cfg.run.seed,
             device=loader_device,
         )
-        self.eval_loader = EvalLoader(
-            cfg.data,
-            micro_batch=ds.eval_batch or ds.micro_batch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            device=loader_device,
-        )
         self.num_classes = self.train_loader.num_classes
-        if self.eval_loader.num_classes != self.num_classes:
-            raise ValueError(
-                f"data.train has {self.num_classes} classes but data.eval has "
-                f"{self.eval_loader.num_classes}: prep both splits with the same class index"
-            )
+        # With a val set, training evaluates on it and the eval set is opened only for the
+        # report at the end (_report_loader); without one, the eval set gives monitoring curves.
+        self.val_loader = self._eval_loader("val") if cfg.data.val else None
+        self.eval_loader = None if cfg.data.val else self._eval_loader("eval")
+        if cfg.data.val:
+            self._warn_if_eval_absent()
         self.class_names = list(self.train_loader.class_names)
         # Whole optimizer steps per epoch; a tail of < grad_accum micro-batches is dropped.
         self.steps_per_epoch = self.train_loader.steps_per_epoch // plan.grad_accum
@@ -131,8 +145,8 @@ class Trainer:
             # Fine-tuning start (e.g. an AudioSet model for ESC-50): a head of another size
             # stays new, with a warning naming it; the teacher below always loads strictly.
             load_pretrained(student, cfg.model.checkpoint, strict=False)
-        self.teacher = build_teacher(
-            cfg.teacher, num_classes=self.num_classes, device=self.device, **dims
+        self.teacher = build_teacher(  # fed through its own input settings (exact, or refused)
+            cfg.teacher, num_classes=self.num_classes, device=self.device, student=cfg.data, **dims
         )
         self.loss_fn = DistillLoss(cfg.distill)
         self.dtype = engine.compute_dtype(cfg)
@@ -162,6 +176,7 @@ class Trainer:
                 self.train_loader.load_state_dict(self.state.loader)
             warn_config_changes(self.state.config, cfg.to_dict())
             self.state.config = cfg.to_dict()
+            self._check_selection()
         self.resumed_from = latest
         write_run_files(cfg, self.run_dir, ds_json, is_main=self.is_main)
         self.tracker = open_tracker(
@@ -187,7 +202,8 @@ class Trainer:
             else None
         )
         self.evaluator = TrainEvaluator(
-            self.eval_loader,
+            self.val_loader or self.eval_loader,
+            split="val" if cfg.data.val else "eval",
             device=self.device,
             out_dir=self.run_dir / "eval",
             class_names=self.class_names,
@@ -196,8 +212,52 @@ class Trainer:
             record=self.metrics_log.write,
         )
         self._last_saved_step = self.state.global_step if latest else -1
+        self.report: dict[str, Any] | None = None  # report_summary.json, once written
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _eval_loader(self, split: str) -> Any:
+        """An EvalLoader on ``data.<split>`` (``val`` or ``eval``), checked against train."""
+        from cmkd_scale.data import EvalLoader
+
+        loader = EvalLoader(
+            self.cfg.data,
+            micro_batch=self.cfg.deepspeed.eval_batch or self.plan.micro_batch,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            device="gpu" if self.device.type == "cuda" else "cpu",
+            url=getattr(self.cfg.data, split),
+        )
+        if loader.num_classes != self.num_classes:
+            loader.close()
+            raise ValueError(
+                f"data.train has {self.num_classes} classes but data.{split} has "
+                f"{loader.num_classes}: prep every split with the same class index"
+            )
+        return loader
+
+    def _warn_if_eval_absent(self) -> None:
+        """data.eval is read only at the end: say now when a local one is not there (yet)."""
+        where = self.cfg.data.eval
+        if self.is_main and "://" not in where and not os.path.exists(where):
+            log.warning(
+                "data.eval %s does not exist (yet): it is read only for the report at the end "
+                "of training, and must be there by then",
+                where,
+            )
+
+    def _check_selection(self) -> None:
+        """A resumed run keeps its best-on-val choice, unless the way of choosing changed."""
+        state, cfg = self.state, self.cfg
+        metric = cfg.eval.select_metric if cfg.data.val else ""
+        if state.best_tag and state.best_metric != metric:
+            log.warning(
+                "the run chose %s by %r; now %s: that choice is dropped",
+                state.best_tag,
+                state.best_metric or "nothing",
+                f"data.val chooses by {metric}" if metric else "nothing is chosen (no data.val)",
+            )
+            state.best_score, state.best_tag, state.best_summary = float("-inf"), "", {}
 
     def _on_preempt(self, signum: int, _frame: object) -> None:
         """SIGTERM/SIGUSR1: finish the current step, then checkpoint and exit EXIT_REQUEUE."""
@@ -333,16 +393,25 @@ class Trainer:
     # ------------------------------------------------------------------ eval / save
 
     def _evaluate(self, name: str) -> bool:
-        """Evaluate the student (the teacher beside it); True when its mAP is a new best."""
-        state = self.state
+        """Evaluate the student (the teacher beside it); True when it is a new best on val.
+
+        Without data.val the evaluation is on the eval set, for monitoring: it chooses nothing.
+        """
+        state, cfg = self.state, self.cfg
         summary = self.evaluator.student(
             self.engine, self.dtype, name, step=state.global_step, epoch=state.epoch
         )
-        if self.teacher is not None and self.cfg.eval.teacher:
+        if self.teacher is not None and cfg.eval.teacher:
             self.evaluator.teacher(self.teacher, step=state.global_step, epoch=state.epoch)
-        improved = summary["mAP"] > state.best_map
+        if not cfg.data.val:
+            return False
+        metric = cfg.eval.select_metric
+        improved = summary[metric] > state.best_score
         if improved:
-            state.best_map, state.best_tag = summary["mAP"], name
+            state.best_score, state.best_metric, state.best_tag = summary[metric], metric, name
+            state.best_epoch, state.best_step = state.epoch, state.global_step
+            state.best_summary = dict(summary)
+            log.info("best on val so far by %s: %s (%.4f)", metric, name, summary[metric])
         return improved
 
     def _save(self, tag: str) -> None:
@@ -389,7 +458,7 @@ class Trainer:
         return bool(dist.all_reduce_sum(flag).item() > 0)
 
     def _finish(self) -> None:
-        """End of training: evaluate/save a mid-epoch end, export final.pt, log artifacts."""
+        """End of training: evaluate/save a mid-epoch end, export final.pt, then the report."""
         state = self.state
         if state.batch_in_epoch > 0:  # stopped by max_steps inside an epoch
             tag = step_tag(state.global_step)
@@ -400,19 +469,146 @@ class Trainer:
         tag = self.ckpt.latest_tag()
         assert tag is not None
         final = self._export(tag, "final.pt")
-        best = self.ckpt.models_dir / "best.pt"
+        choice = self._choose(final)
+        self.report = self._report(choice)
         if self.is_main:
-            self.tracker.log_checkpoint(best if best.is_file() else final)
+            self.tracker.log_checkpoint(choice.export)
         log.info(
-            "training done: step %d, best mAP %.4f (%s)",
+            "training done: step %d; reported %s (%s): eval mAP %.4f acc %.4f",
             state.global_step,
-            state.best_map,
-            state.best_tag,
+            choice.model,
+            self.report["checkpoint"],
+            self.report["mAP"],
+            self.report["acc"],
         )
+
+    def _choose(self, final: Path) -> Choice:
+        """The model the run reports: best on val, else the weight average, else final."""
+        state, cfg = self.state, self.cfg
+        models = self.ckpt.models_dir
+        last_epoch = state.epoch - 1 if state.batch_in_epoch == 0 else state.epoch
+        final_choice = Choice("final", final, epoch=last_epoch, step=state.global_step)
+        if cfg.data.val:
+            if not state.best_tag:
+                log.warning("no evaluation on data.val chose a model: reporting the final model")
+                return final_choice
+            self._heal_best_export()
+            return Choice(
+                "best",
+                models / "best.pt",
+                epoch=state.best_epoch,
+                step=state.best_step,
+                val=dict(state.best_summary),
+                select_metric=state.best_metric,
+            )
+        start, end = cfg.eval.wa_start_epoch, cfg.eval.wa_end_epoch
+        wanted = reported_model(cfg)
+        log.info(
+            "no data.val: no model is chosen on the eval set, so models/best.pt is not written; "
+            "the run reports %s",
+            f"the weight average of epochs {start}..{end} (models/wa.pt)"
+            if wanted == "wa"
+            else "the final model (models/final.pt)",
+        )
+        if wanted == "wa":
+            averaged = weight_average(self.run_dir, start, end) if self.is_main else None
+            if dist.broadcast_object(averaged is not None):  # also: wa.pt is on disk now
+                step = min(end * self.steps_per_epoch, state.global_step)
+                return Choice("wa", models / "wa.pt", epoch=None, step=step)
+            log.warning("reporting the final model instead of the weight average")
+        return final_choice
+
+    def _heal_best_export(self) -> None:
+        """best.pt must be the chosen checkpoint's student (a crash can fall between them)."""
+        from cmkd_scale.models.exported import Export
+
+        best, tag = self.ckpt.models_dir / "best.pt", self.state.best_tag
+        stale = False
+        if self.is_main:
+            stale = not best.is_file() or Export.load(best).source_checkpoint != tag
+        if dist.broadcast_object(stale):
+            log.warning("models/best.pt is not %s's student: writing it again", tag)
+            epoch_export = self.ckpt.models_dir / f"{tag}.pt"  # its checkpoint may be pruned
+            if tag.startswith("epoch-") and epoch_export.is_file():
+                if self.is_main:
+                    copy_export(epoch_export, best)
+                dist.barrier()
+            else:
+                self._export(tag, "best.pt")
+
+    def _report_loader(self) -> Any:
+        """The eval set's loader: built only now when training evaluated on data.val."""
+        if self.eval_loader is None:
+            log.info("report: reading the eval set now (data.eval=%s)", self.cfg.data.eval)
+            self.eval_loader = self._eval_loader("eval")
+        return self.eval_loader
+
+    def _report(self, choice: Choice) -> dict[str, Any]:
+        """Score the reported model on the eval set, once; write eval/report_*."""
+        from cmkd_scale.evaluate.scoring import evaluate, save_result
+        from cmkd_scale.models.exported import Export
+
+        state, out_dir = self.state, self.run_dir / "eval"
+        saved = previous_report(out_dir, choice, self.run_dir) if self.is_main else None
+        saved = dist.broadcast_object(saved)
+        if saved is not None:
+            log.info(
+                "report of %s already written by an earlier process of this run: the eval set "
+                "is not scored again",
+                saved["checkpoint"],
+            )
+            return saved  # type: ignore[return-value]
+        loader = self._report_loader()
+        result = None
+        if choice.model == "final" and self.evaluator.split == "eval":
+            result = self.evaluator.latest(state.global_step)  # these weights, scored just now
+        if result is None:
+            model = Export.load(choice.export).model(self.device)
+
+            def forward(fbank: torch.Tensor) -> torch.Tensor:
+                return torch.sigmoid(model(fbank).float())
+
+            result = evaluate(forward, loader, device=self.device)
+            del model
+        report = summary_dict(choice, self.run_dir, result.summary)
+        epoch = choice.epoch or self.cfg.eval.wa_end_epoch or state.epoch
+        if self.is_main:
+            save_result(result, out_dir, REPORT, self.class_names)
+            tmp = out_dir / f".{REPORT_SUMMARY}.tmp"
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, out_dir / REPORT_SUMMARY)
+            self.tracker.log_eval(
+                result, step=state.global_step, epoch=epoch, class_names=self.class_names,
+                prefix=REPORT,
+            )  # fmt: skip
+            self.tracker.set_tags(
+                {
+                    "report.model": choice.model,
+                    "report.checkpoint": report["checkpoint"],
+                    "report.selected_on": report["selected_on"] or "",
+                }
+            )
+            self.tracker.log_artifact(out_dir / REPORT_SUMMARY, "eval")
+        self.metrics_log.write(
+            {"step": state.global_step, "eval": REPORT, "split": "eval", "model": choice.model,
+             **result.summary}
+        )  # fmt: skip
+        log.info(
+            "report: %s (%s) on the eval set: mAP %.4f mAUC %.4f d' %.3f acc %.4f",
+            choice.model,
+            report["checkpoint"],
+            report["mAP"],
+            report["mAUC"],
+            report["dprime"],
+            report["acc"],
+        )
+        return report
 
     def close(self, status: str, note: str = "") -> None:
         """Finish the tracker run, release the DALI pipelines and the process group."""
         self.tracker.finish(status, note)
         self.train_loader.close()
-        self.eval_loader.close()
+        for loader in (self.val_loader, self.eval_loader):
+            if loader is not None:
+                loader.close()
         dist.destroy()
