@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,9 +44,14 @@ from cmkd_scale.train.report import (
 )
 from cmkd_scale.train.run_files import open_tracker, warn_config_changes, write_run_files
 from cmkd_scale.train.scale import ScalePlan, resolve_scale, world_size_from_env
+from cmkd_scale.train.step import Agreement, EpochEnd
 from cmkd_scale.train.step_metrics import JsonlLog, StepMeter, StepReporter
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # the data package loads DALI; the trainer imports it lazily
+    from cmkd_scale.data import EvalLoader
+    from cmkd_scale.data.loader import Batch
 
 
 def check_supported(cfg: Config, world_size: int | None = None) -> ScalePlan:
@@ -216,7 +221,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _eval_loader(self, split: str) -> Any:
+    def _eval_loader(self, split: str) -> EvalLoader:
         """An EvalLoader on ``data.<split>`` (``val`` or ``eval``), checked against train."""
         from cmkd_scale.data import EvalLoader
 
@@ -280,19 +285,19 @@ class Trainer:
         self._heal_epoch_export()
         self.reporter.start(state.global_step)
         while state.epoch <= cfg.run.epochs and state.global_step < self.total_steps:
-            outcome = self._train_epoch()
-            if outcome == "stop":
+            end = self._train_epoch()
+            if end is EpochEnd.PREEMPTED:
                 self._save(step_tag(state.global_step))
                 return EXIT_REQUEUE
-            if outcome == "epoch_end":
+            if end is EpochEnd.DONE:
                 self._end_epoch()
                 if self._agree_stop():
                     return EXIT_REQUEUE
         self._finish()
         return 0
 
-    def _train_epoch(self) -> str:
-        """Train until the epoch ends ('epoch_end'), max_steps ('max_steps') or preemption."""
+    def _train_epoch(self) -> EpochEnd:
+        """Train until the epoch ends, run.max_steps is reached or every rank agrees to stop."""
         state = self.state
         limit = self.steps_per_epoch * self.plan.grad_accum
         self.engine.train()
@@ -306,25 +311,25 @@ class Trainer:
             data_wait = time.perf_counter() - t_ready
             if meter.micro == 0:
                 meter.lr = engine.current_lr(self.engine)  # the lr this optimizer step uses
-            losses = self._micro_step(batch)
+            agreed = self._micro_step(batch)
             state.batch_in_epoch += 1
-            if losses is not None:
-                stop_agreed |= bool(losses[4] > 0)
-                meter.add(losses[:3] / self.env.world_size, data_wait, self._teacher_ms())
+            if agreed is not None:
+                stop_agreed |= agreed.stop
+                meter.add(agreed.mean_losses(self.env.world_size), data_wait, self._teacher_ms())
             if self.engine.global_steps != state.global_step:  # an optimizer step happened
                 state.global_step = self.engine.global_steps
                 self._after_step(meter)
                 meter = StepMeter(start=time.perf_counter())
                 if stop_agreed:
-                    return "stop"
+                    return EpochEnd.PREEMPTED
                 if state.batch_in_epoch >= limit:
-                    return "epoch_end"
+                    return EpochEnd.DONE
                 if state.global_step >= self.total_steps:
-                    return "max_steps"
+                    return EpochEnd.MAX_STEPS
             t_ready = time.perf_counter()
-        return "epoch_end"
+        return EpochEnd.DONE
 
-    def _micro_step(self, batch: Any) -> torch.Tensor | None:
+    def _micro_step(self, batch: Batch) -> Agreement | None:
         """Forward (teacher, student), agree across ranks, backward+step; None when skipped."""
         fbank = batch.fbank.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
@@ -335,19 +340,17 @@ class Trainer:
         finite = torch.isfinite(parts.total.detach())
         # The one collective per micro-batch (also a CPU-GPU sync point): losses for logging,
         # the non-finite flag and the preemption flag, so every rank decides the same thing.
-        flags = torch.stack(
-            [
-                parts.total.detach().double(),
-                parts.label.detach().double(),
-                kd.double(),
-                (~finite).double(),
-                torch.tensor(float(self.stop_requested), device=self.device, dtype=torch.float64),
-            ]
+        summed = Agreement.pack(
+            loss=parts.total.detach(),
+            label_loss=parts.label.detach(),
+            kd_loss=kd,
+            nonfinite=~finite,
+            stopping=self.stop_requested,
+            device=self.device,
         )
-        dist.all_reduce_sum(flags)
-        flags = flags.cpu()
+        agreed = Agreement.unpack(dist.all_reduce_sum(summed))
         self._record_samples(batch, float(parts.total.detach()))
-        if flags[3] > 0:
+        if agreed.nonfinite:
             handle_nonfinite(
                 self.cfg, self.state, list(batch.keys), finite_here=bool(finite), ckpt=self.ckpt
             )
@@ -357,12 +360,12 @@ class Trainer:
             return None
         self.engine.backward(parts.total)
         self.engine.step()
-        return flags
+        return agreed
 
     def _teacher_ms(self) -> float:
         return self.teacher.last_ms if self.teacher is not None else 0.0
 
-    def _record_samples(self, batch: Any, loss: float) -> None:
+    def _record_samples(self, batch: Batch, loss: float) -> None:
         if self.samples_log is None:
             return
         self.samples_log.parent.mkdir(parents=True, exist_ok=True)
@@ -536,7 +539,7 @@ class Trainer:
             else:
                 self._export(tag, "best.pt")
 
-    def _report_loader(self) -> Any:
+    def _report_loader(self) -> EvalLoader:
         """The eval set's loader: built only now when training evaluated on data.val."""
         if self.eval_loader is None:
             log.info("report: reading the eval set now (data.eval=%s)", self.cfg.data.eval)
