@@ -118,6 +118,18 @@ class TeacherConfig(ModelConfig):
     arch: Literal["ast", "efficientnet", "timm", "none"] = "none"
     name: str = "efficientnet_b2"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # The teacher's own input, when it differs from the student's data.*: our exports carry it
+    # (their data.*); these keys describe a released teacher (PSLA .pth files carry no settings;
+    # PSLA's AudioSet models: 128 bins, 1056 frames, mean -4.6476, std 4.5699). 0 / null = the
+    # export's, else the student's. The student's input is adapted exactly (distill/teacher.py).
+    num_mel_bins: int = 0
+    target_length: int = 0
+    norm_mean: float | None = None
+    norm_std: float | None = None
+    # a teacher that takes more frames than data.target_length gets the student's input padded,
+    # which equals its own dataloader's only for clips of at most data.target_length frames:
+    # true states that they are (AudioSet's 10 s clips: 998 frames); false refuses the teacher
+    pad_input: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,6 +138,9 @@ class TeacherConfig(ModelConfig):
             "teacher.checkpoint",
             "a teacher needs trained weights: set teacher.checkpoint=PATH (or teacher=none)",
         )
+        _check(self.num_mel_bins >= 0, "teacher.num_mel_bins", "must be >= 0 (0 = unstated)")
+        _check(self.target_length >= 0, "teacher.target_length", "must be >= 0 (0 = unstated)")
+        _check(self.norm_std is None or self.norm_std > 0, "teacher.norm_std", "must be > 0")
 
 
 @dataclass(kw_only=True)
