@@ -222,6 +222,10 @@ class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite under run.dir
     experiment: str = "cmkd_scale"
     log_checkpoint: bool = True  # upload the exported student (else log its path)
+    # the reported model as the run's MLflow model (a pyfunc that tags audio files) ...
+    log_model: bool = True
+    # ... and registered in the model registry under this name ("" = not registered)
+    register: str = ""
     request_timeout_s: float = 5.0
     max_retries: int = 1
     system_metrics: bool = True

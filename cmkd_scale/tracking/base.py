@@ -44,6 +44,10 @@ class Tracker:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """A JSON (``.json``) or YAML artifact."""
 
+    def log_model(self, path: str | Path, *, register: str = "") -> None:
+        """An export as the run's MLflow model (a pyfunc that tags audio files, see
+        cmkd_scale/serve/mlflow_model.py); registered as ``register`` when given."""
+
     def log_checkpoint(self, path: str | Path) -> None:
         """The exported student: uploaded when cfg.tracking.log_checkpoint, its path as a tag."""
 

@@ -6,7 +6,7 @@ replays it. No MLflow here.
 
 Layout under ``RUN_DIR/tracking/``:
     journal.jsonl   one JSON record per line: {"t": kind, "ts": ms, ...}
-                    kinds: start, params, tags, metrics, artifact, status
+                    kinds: start, params, tags, metrics, artifact, inputs, model, status
     state.json      {"local_id", "experiment", "name", "uri", "remote": {uri: mlflow run id}}
     artifacts/      files the tracker wrote itself (config, CSV tables, plots, texts)
 """

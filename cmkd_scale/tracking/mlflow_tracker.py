@@ -22,7 +22,13 @@ import yaml
 from cmkd_scale.tracking import plots, sysinfo
 from cmkd_scale.tracking.base import Tracker
 from cmkd_scale.tracking.journal import Journal, RunState, now_ms
-from cmkd_scale.tracking.remote import RemoteRun, bound_http, local_artifact_location, resolve_uri
+from cmkd_scale.tracking.remote import (
+    RemoteRun,
+    bound_http,
+    column,
+    local_artifact_location,
+    resolve_uri,
+)
 from cmkd_scale.tracking.report import Curves, eval_parts, safe_key, write_class_table
 from cmkd_scale.tracking.sender import Op, Sender
 
@@ -30,6 +36,31 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+# The runs-table columns of the experiment's saved view (remote.VIEW_KEY, opened by the links
+# the tracker prints): the reported model's eval summary, then the KD setup.
+VIEW_COLUMNS = (
+    column("attributes", "Dataset"),
+    column("metrics", "report/mAP"),
+    column("metrics", "report/mAUC"),
+    column("metrics", "report/dprime"),
+    column("metrics", "report/acc"),
+    column("metrics", "report/epoch"),
+    column("tags", "student"),
+    column("tags", "teacher"),
+    column("params", "distill.lambda_"),
+    column("params", "distill.temperature"),
+    column("params", "effective.global_batch"),
+    column("attributes", "Models"),
+    column("attributes", "Source"),
+)
+# data.<split> -> the dataset input's context (MLflow shows it beside the dataset's name)
+DATA_CONTEXTS = {"train": "training", "val": "validation", "eval": "evaluation"}
+# the module whose _load_pyfunc(path) serves a logged export (cmkd_scale/serve/mlflow_model.py;
+# named, not imported: tracking sits below serve)
+PYFUNC_LOADER = "cmkd_scale.serve.mlflow_model"
+# what a logged model needs besides cmkd_scale itself (pinned to this environment's versions)
+MODEL_REQUIREMENTS = ("torch", "torchaudio", "timm", "numpy", "pandas", "soundfile", "av", "soxr")
 
 
 class MlflowTracker(Tracker):
@@ -62,7 +93,9 @@ class MlflowTracker(Tracker):
         self._warned_full = False
         self.max_enqueue_s = 0.0  # longest time a logging call spent (tests, diagnostics)
 
-        self.remote = RemoteRun(self.uri, health_timeout_s=tcfg.request_timeout_s)
+        self.remote = RemoteRun(
+            self.uri, health_timeout_s=tcfg.request_timeout_s, view_columns=VIEW_COLUMNS
+        )
         self._resume_id = resume_run_id if resume_run_id and not resuming else None
         self._resume_id = self._resume_id or self.state.remote_id(self.uri)
         self.sender = Sender(
@@ -117,22 +150,29 @@ class MlflowTracker(Tracker):
         )
         self.state.set_remote(self.uri, run_id)
         log.info("MLflow run %s at %s", run_id, self.remote.ui_url())
+        log.info("MLflow runs table: %s", self.remote.experiment_url())
 
     def _record_run_context(self) -> None:
         """Tags, resolved config and data manifest summaries every run carries."""
         tags = sysinfo.run_tags(self.cfg)
         tags.update({"cmkd.local_id": self.state.local_id or "", "cmkd.run_dir": str(self.run_dir)})
+        tags.update(sysinfo.source_tags(tags["git_commit"]))  # the UI's Source column
         if self.cfg.tracking.parent_run_id:  # nested under a study's parent run
             tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
         self.set_tags(tags)
         self.log_text(self.cfg.to_yaml(), "config.yaml")
-        for split in ("train", "eval"):
-            location = getattr(self.cfg.data, split)
+        datasets = []
+        for split, context in DATA_CONTEXTS.items():
+            location = getattr(self.cfg.data, split, "")
             summary = (
                 sysinfo.manifest_summary(sysinfo.manifest_path(location)) if location else None
             )
             if summary is not None:
                 self.log_dict(summary, f"data/{split}_manifest_summary.json")
+                sha = tags.get(f"data.{split}.sha256", "unavailable")
+                datasets.append(sysinfo.dataset_record(location, summary, sha, context))
+        if datasets:
+            self.log_datasets(datasets)
 
     # -- the Tracker interface
 
@@ -230,6 +270,29 @@ class MlflowTracker(Tracker):
         else:
             text = yaml.safe_dump(obj, sort_keys=False)
         self.log_text(text, artifact_file)
+
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """MLflow dataset inputs (``sysinfo.dataset_record`` dicts)."""
+        self.journal.write("inputs", datasets=datasets)
+        self._submit(("inputs", datasets))
+
+    def log_model(self, path: str | Path, *, register: str = "") -> None:
+        path = Path(path).resolve()
+        if not self.cfg.tracking.log_model:
+            return
+        if not path.is_file():
+            log.warning("model %s does not exist; not logged", path)
+            return
+        spec = {
+            "name": "model",
+            "path": str(path),
+            "loader_module": PYFUNC_LOADER,
+            "register": register,
+            "pip_requirements": sysinfo.pinned(MODEL_REQUIREMENTS),
+            "tags": {"checkpoint": path.name, "student": sysinfo.student_name(self.cfg)},
+        }
+        self.journal.write("model", spec=spec)
+        self._submit(("model", spec))
 
     def log_checkpoint(self, path: str | Path) -> None:
         path = Path(path).resolve()

@@ -3,15 +3,19 @@ imports ``mlflow`` (the tracker, the upload command and the sender go through ``
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from cmkd_scale.tracking.sender import Op, Point
@@ -21,6 +25,19 @@ log = logging.getLogger(__name__)
 _BATCH_PARAMS = 100  # MLflow's per-log_batch limits
 _BATCH_TAGS = 100
 _BATCH_POINTS = 1000
+
+# What MLflow 3's UI reads from an experiment's tags. ``mlflow.experimentKind`` says "this
+# experiment trains models" (the UI's own kind selector writes the same tag and value);
+# 3.17's UI decides the landing tab from its GenAI / Machine-learning switch, so the links
+# we print also carry ``workflowType=machine_learning``. A ``mlflow.sharedViewState.<key>`` tag
+# is a saved runs-table view (the UI's "Share" button writes one), opened by
+# ``?viewStateShareKey=<key>``: ours selects the eval summary and KD setup columns.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+VIEW_KEY = "cmkd-summary"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+DATA_CONTEXT_TAG = "mlflow.data.context"  # training / validation / evaluation
+_DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest
 
 
 def resolve_uri(configured: str, run_dir: Path) -> str:
@@ -44,15 +61,26 @@ def bound_http(timeout_s: float, max_retries: int) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
 
 
+class ModelNotLogged(RuntimeError):
+    """A model that cannot be logged for a reason of its own (not the server's)."""
+
+
 class RemoteRun:
     """One MLflow run on one tracking server, driven by MlflowClient with an explicit run id."""
 
-    def __init__(self, uri: str, *, health_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        health_timeout_s: float = 5.0,
+        view_columns: Sequence[str] = (),
+    ) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._health_timeout_s = health_timeout_s
+        self._view_columns = list(view_columns)
 
     def reachable(self) -> bool:
         """An HTTP server answers /health in time; a database URI is always 'reachable'."""
@@ -67,7 +95,10 @@ class RemoteRun:
             return False
 
     def is_rejection(self, exc: Exception) -> bool:
-        """The server answered and refused the record (4xx): retrying cannot help."""
+        """The server answered and refused the record (4xx), or a model cannot be logged:
+        retrying cannot help."""
+        if isinstance(exc, ModelNotLogged):
+            return True
         return isinstance(exc, MlflowException) and exc.get_http_status_code() < 500
 
     def open(
@@ -100,19 +131,41 @@ class RemoteRun:
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException:  # another run created it meanwhile
+        if found is None:
+            with contextlib.suppress(MlflowException):  # another run may create it meanwhile
+                self.client.create_experiment(
+                    name,
+                    artifact_location=artifact_location,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
             found = self.client.get_experiment_by_name(name)
             if found is None:
-                raise
-            return found.experiment_id
+                raise MlflowException(f"experiment {name!r} could not be created at {self.uri}")
+        self._label_experiment(found.experiment_id, found.tags)
+        return found.experiment_id
+
+    def _label_experiment(self, experiment_id: str, tags: dict[str, str]) -> None:
+        """A training experiment: its kind (unless a user chose another) and our table view."""
+        if EXPERIMENT_KIND_TAG not in tags:
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if self._view_columns:
+            view = table_view(self._view_columns)
+            if tags.get(VIEW_TAG) != view:
+                self.client.set_experiment_tag(experiment_id, VIEW_TAG, view)
+
+    def base_url(self) -> str:
+        return self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
 
     def ui_url(self) -> str:
-        base = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        """The run's page."""
+        return (
+            f"{self.base_url()}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            "?workflowType=machine_learning"
+        )
+
+    def experiment_url(self) -> str:
+        """The experiment's runs table with the eval summary and KD setup columns."""
+        return experiment_url(self.base_url(), self.experiment_id or "0", bool(self._view_columns))
 
     # -- sending (called from the sender thread and the upload command)
 
@@ -126,6 +179,10 @@ class RemoteRun:
             self.send_tags(payload)
         elif kind == "artifact":
             self.send_artifact(*payload)
+        elif kind == "inputs":
+            self.send_inputs(payload)
+        elif kind == "model":
+            self.send_model(payload)
         elif kind == "status":
             self.client.set_terminated(self.run_id, status=payload[0], end_time=payload[1])
         else:
@@ -164,6 +221,32 @@ class RemoteRun:
         else:
             self.client.log_artifact(self.run_id, path, artifact_path)
 
+    def send_inputs(self, datasets: Sequence[dict[str, Any]]) -> None:
+        """Dataset inputs (``dataset_record`` dicts): the run page's Datasets, the Dataset
+        column. Logging one again is a no-op on the server."""
+        self.client.log_inputs(self.run_id, datasets=[_dataset_input(d) for d in datasets])
+
+    def has_model(self, name: str) -> bool:
+        """Whether the run already has a logged model called ``name`` (upload command)."""
+        found = self.client.search_logged_models(
+            experiment_ids=[
+                self.experiment_id or self.client.get_run(self.run_id).info.experiment_id
+            ],
+            filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'",
+        )
+        return len(found) > 0
+
+    def send_model(self, spec: dict[str, Any]) -> None:
+        """An exported classifier as an MLflow pyfunc model of this run (``model_record``):
+        ``spec["loader_module"]`` loads ``spec["path"]``; registered as ``spec["register"]``
+        when that is set."""
+        try:
+            log_pyfunc_model(self.uri, self.run_id, spec)
+        except (MlflowException, OSError):  # the server's answer or the connection: as any op
+            raise
+        except Exception as exc:  # our side (the export, the signature): retrying cannot help
+            raise ModelNotLogged(f"{spec['path']}: {type(exc).__name__}: {exc}") from exc
+
     # -- what the server already has (upload command)
 
     def metric_points(self, key: str) -> set[tuple[int, int, str]]:
@@ -179,3 +262,99 @@ class RemoteRun:
             }
         except (MlflowException, OSError):
             return {}
+
+
+# -- pure helpers (no server needed)
+
+
+def table_view(columns: Sequence[str]) -> str:
+    """The JSON of a saved runs-table view selecting ``columns`` (as the UI's Share writes)."""
+    return json.dumps({"selectedColumns": list(columns), "viewMaximized": False})
+
+
+def experiment_url(base: str, experiment_id: str, with_view: bool = True) -> str:
+    """An experiment's runs table in the training (machine-learning) view of MLflow 3's UI."""
+    query = {"workflowType": "machine_learning"}
+    if with_view:
+        query["viewStateShareKey"] = VIEW_KEY
+    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
+
+
+def column(kind: str, key: str) -> str:
+    """The UI's id of a runs-table column: kind is attributes, params, metrics or tags."""
+    return f"{kind}.`{key}`"
+
+
+def _dataset_input(record: dict[str, Any]) -> DatasetInput:
+    source = record["source"]
+    scheme = urllib.parse.urlparse(source).scheme if "://" in source else ""
+    source_type = {"": "local", "file": "local", "s3": "s3", "http": "http", "https": "http"}
+    kind = source_type.get(scheme, "external")
+    source_json = {"url": source} if kind in ("http", "external") else {"uri": source}
+    dataset = Dataset(
+        name=record["name"],
+        digest=str(record["digest"])[:_DIGEST_CHARS],
+        source_type=kind,
+        source=json.dumps(source_json),
+        schema=json.dumps(record.get("schema") or {}),
+        profile=json.dumps(record.get("profile") or {}),
+    )
+    return DatasetInput(dataset, tags=[InputTag(DATA_CONTEXT_TAG, record["context"])])
+
+
+def _signature(spec: dict[str, Any]) -> Any:
+    """Input: an ``audio`` column of file paths and/or a ``waveform`` column of 16 kHz mono
+    float samples; output: the top labels; params: top_k, hop, window_pool."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema(
+        [
+            ColSpec(DataType.string, "audio", required=False),
+            ColSpec(Array(DataType.float), "waveform", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec(DataType.string, "file"),
+            ColSpec(Array(DataType.string), "labels"),
+            ColSpec(Array(DataType.double), "probs"),
+            ColSpec(DataType.double, "duration_s"),
+        ]
+    )
+    params = ParamSchema(
+        [
+            ParamSpec("top_k", DataType.long, int(spec.get("top_k", 5))),
+            ParamSpec("hop", DataType.long, 0),
+            ParamSpec("window_pool", DataType.string, "max"),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def log_pyfunc_model(uri: str, run_id: str, spec: dict[str, Any]) -> str:
+    """Log ``spec["path"]`` as the run's pyfunc model (loaded by ``spec["loader_module"]``'s
+    ``_load_pyfunc``); register it when ``spec["register"]``. Returns the model's URI."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    register = spec.get("register") or None
+    with _use_tracking_uri(uri):  # Model.log reads the process's tracking URI
+        info = Model.log(
+            None,  # artifact_path: deprecated for name, still positional
+            name=spec.get("name", "model"),
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            registered_model_name=register,
+            await_registration_for=0,
+            loader_module=spec["loader_module"],
+            data_path=spec["path"],  # copied into the model's data/ folder
+            signature=_signature(spec),
+            pip_requirements=list(spec.get("pip_requirements", [])),
+            tags=dict(spec.get("tags", {})),
+            metadata=dict(spec.get("metadata", {})),
+        )
+    log.info("MLflow model %s%s", info.model_uri, f" registered as {register}" if register else "")
+    return info.model_uri

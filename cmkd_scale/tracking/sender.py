@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 Point = tuple[str, float, int, int]  # key, value, timestamp ms, step
 Op = tuple[str, Any]  # ("metrics", [Point]) | ("params", dict) | ("tags", dict)
-# | ("artifact", (path, artifact_path)) | ("status", (status, end_ms))
+# | ("inputs", [dict]) | ("model", dict) | ("artifact", (path, artifact_path))
+# | ("status", (status, end_ms))
 
 
 class Remote(Protocol):

@@ -128,19 +128,86 @@ def run_tags(cfg: Any) -> dict[str, str]:
         "host": socket.gethostname(),
         "gpu": gpu_name(),
         "world_size": os.environ.get("WORLD_SIZE", "1"),
-        "student": f"{cfg.model.arch}:{cfg.model.name}",
+        "student": student_name(cfg),
         "teacher": "none"
         if cfg.teacher.arch == "none"
         else f"{cfg.teacher.arch}:{cfg.teacher.name}",
     }
     tags.update({tag: os.environ[var] for var, tag in _SLURM_TAGS.items() if var in os.environ})
-    for split in ("train", "eval"):
-        location = getattr(cfg.data, split)
+    for split in ("train", "val", "eval"):
+        location = getattr(cfg.data, split, "")
         if location:
             path = manifest_path(location)
             tags[f"data.{split}.manifest"] = path
             tags[f"data.{split}.sha256"] = url_sha256(path)
     return tags
+
+
+def student_name(cfg: Any) -> str:
+    return f"{cfg.model.arch}:{cfg.model.name}"
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's source tags (the runs table's Source column): the entry point that runs."""
+    main = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    name = "python"
+    if main is not None:
+        package_root = Path(__file__).resolve().parents[2]
+        try:  # python -m cmkd_scale.train -> cmkd_scale.train
+            rel = main.with_suffix("").relative_to(package_root)
+            parts = rel.parts[:-1] if rel.name == "__main__" else rel.parts
+            name = ".".join(parts)
+        except ValueError:
+            name = main.name
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
+def dataset_record(location: str, summary: dict[str, Any], sha: str, context: str) -> dict:
+    """One shard set as an MLflow dataset input: its name, where it is, the manifest's sha256
+    as the digest, and its size (samples, classes, shards, bytes) as the profile."""
+    base = location.rstrip("/")
+    if base.endswith(".json"):
+        base = base.rsplit("/", 1)[0] if "/" in base else ""
+    name = base.rsplit("/", 1)[-1] or location
+    source = base if "://" in base else str(Path(base or ".").resolve())
+    return {
+        "name": name,
+        "source": source,
+        "digest": sha,
+        "context": context,
+        "profile": {
+            "num_samples": summary.get("num_samples"),
+            "num_classes": summary.get("num_classes"),
+            "classes_present": summary.get("classes_present"),
+            "num_shards": summary.get("num_shards"),
+            "bytes": summary.get("bytes"),
+            "manifest_sha256": sha,
+            "format": summary.get("format"),
+        },
+        "schema": {  # one sample of a shard: FLAC, JSON metadata, float32 multi-hot labels
+            "mlflow_colspec": [
+                {"type": "binary", "name": "flac", "required": True},
+                {"type": "string", "name": "json", "required": True},
+                {"type": "binary", "name": "labels", "required": True},
+            ]
+        },
+    }
+
+
+def pinned(distributions: tuple[str, ...]) -> list[str]:
+    """``name==version`` of each installed distribution (a logged model's requirements)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in distributions:
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 class SystemSampler:

@@ -40,6 +40,9 @@ class UploadReport:
     artifacts: int = 0
     artifacts_present: int = 0
     artifacts_missing_locally: int = 0
+    datasets: int = 0
+    models: int = 0
+    models_present: int = 0
     status: str = ""
 
 
@@ -88,6 +91,7 @@ def upload(run_dir: Path, uri: str | None = None) -> UploadReport:
     _send_params_and_tags(remote, records, report)
     _send_metrics(remote, records, report)
     _send_artifacts(remote, records, report)
+    _send_inputs_and_models(remote, records, report)
     _send_status(remote, records, report)
     return report
 
@@ -147,6 +151,25 @@ def _send_artifacts(remote: RemoteRun, records: list[dict[str, Any]], report: Up
                 continue
             remote.client.log_artifact(remote.run_id, str(file), directory)
             report.artifacts += 1
+
+
+def _send_inputs_and_models(
+    remote: RemoteRun, records: list[dict[str, Any]], report: UploadReport
+) -> None:
+    """Dataset inputs (the server ignores one it has) and logged models the run lacks."""
+    for record in records:
+        if record["t"] == "inputs":
+            remote.send_inputs(record["datasets"])
+            report.datasets += len(record["datasets"])
+        elif record["t"] == "model":
+            spec = record["spec"]
+            if remote.has_model(spec["name"]):
+                report.models_present += 1
+            elif not Path(spec["path"]).is_file():
+                log.warning("model %s is gone from disk; not uploaded", spec["path"])
+            else:
+                remote.send_model(spec)
+                report.models += 1
 
 
 def _send_status(remote: RemoteRun, records: list[dict[str, Any]], report: UploadReport) -> None:

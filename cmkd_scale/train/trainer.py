@@ -476,6 +476,7 @@ class Trainer:
         self.report = self._report(choice)
         if self.is_main:
             self.tracker.log_checkpoint(choice.export)
+            self.tracker.log_model(choice.export, register=self.cfg.tracking.register)
         log.info(
             "training done: step %d; reported %s (%s): eval mAP %.4f acc %.4f",
             state.global_step,
