@@ -18,7 +18,7 @@ import torch
 
 from cmkd_scale.config import DataConfig
 from cmkd_scale.data.loader import Batch, check_mel_bins, eval_spec, resolve_device
-from cmkd_scale.data.manifest import DataError, ShardSet
+from cmkd_scale.data.manifest import DataError, ShardSet, local_copy
 from cmkd_scale.data.members import MemberReader
 from cmkd_scale.data.pipeline import DaliRunner, FeatureSpec
 
@@ -72,11 +72,10 @@ class EvalLoader:
         self.spec = spec or eval_spec(cfg)
         self.shards = ShardSet(url or cfg.eval)
         self.shards.require_all_shards()
-        if not self.shards.is_local:
-            raise DataError(
-                f"{self.shards.url}: DALI's webdataset reader needs the eval shards on a local "
-                "(or mounted) filesystem; copy them locally and point data.eval there"
-            )
+        if not self.shards.is_local:  # DALI's webdataset reader opens local files only
+            remote = self.shards.url
+            self.shards = ShardSet(local_copy(self.shards))
+            log.info("eval shards %s read from their local copy %s", remote, self.shards.root)
         self.manifest = self.shards.manifest
         self.num_classes = self.shards.num_classes
         self.class_names = self.shards.class_names

@@ -8,11 +8,15 @@ inside its tar, which is what lets the training loader read single samples by ra
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -213,3 +217,54 @@ class ShardSet:
         if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
             raise DataError(f"{path}: weights must be finite, >= 0 and not all 0; rerun prep")
         return weights
+
+
+def cache_root() -> Path:
+    """Where remote shard sets are copied for readers that need local files (the eval
+    loader: DALI's webdataset reader): ``$CMKD_SHARD_CACHE``, else ``<tmp>/cmkd_shard_cache``.
+    On a cluster point it at node-local disk (see README, "Cluster layout")."""
+    configured = os.environ.get("CMKD_SHARD_CACHE", "")
+    return Path(configured or Path(tempfile.gettempdir()) / "cmkd_shard_cache")
+
+
+def local_copy(shards: ShardSet, root: Path | None = None) -> str:
+    """A local copy of a remote shard set (manifest, shard tars, their .idx), made once per
+    manifest: ``root/<manifest sha256>/``. Each tar is checked against the manifest's sha256
+    while it downloads and published by rename, so ranks sharing a node may race safely and a
+    killed copy is redone. Returns the local folder; raises DataError naming the shard whose
+    download failed."""
+    manifest_bytes = json.dumps(shards.manifest, sort_keys=True).encode()
+    digest = hashlib.sha256(manifest_bytes).hexdigest()[:32]
+    folder = Path(root or cache_root()) / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in shards.shards:
+        _fetch(shards, shards.path(shard), folder / shard["name"], shard.get("sha256"))
+        _fetch(shards, shards.index_path(shard), folder / shard["index"], None)
+    target = folder / "manifest.json"
+    if not target.is_file():
+        tmp = folder / f".manifest.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(shards.manifest, indent=2))
+        os.replace(tmp, target)
+    return str(folder)
+
+
+def _fetch(shards: ShardSet, src: str, dest: Path, sha256: str | None) -> None:
+    if dest.is_file():
+        return
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with shards.fs.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            for block in iter(lambda: fin.read(1 << 22), b""):
+                digest.update(block)
+                fout.write(block)
+    except Exception as exc:  # any fsspec backend's error (botocore's are not OSError)
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"{src} cannot be copied to {dest.parent} ({type(exc).__name__}: {exc}); "
+            + shards.verify_hint
+        ) from exc
+    if sha256 and digest.hexdigest() != sha256:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{src}: sha256 differs from the manifest's; " + shards.verify_hint)
+    os.replace(tmp, dest)

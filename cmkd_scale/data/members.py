@@ -65,8 +65,14 @@ class MemberReader:
         end = int(max(f_off + f_size, l_off + l_size))
         try:
             blob = self._read_range(shard_no, start, end)
-        except OSError as exc:
-            raise MemberError(name, key, f"cannot be read ({exc})") from exc
+        except Exception as exc:  # OSError, or an object store client's own (botocore's)
+            where = self.shards.path(self.shards.shards[shard_no])
+            raise MemberError(
+                name,
+                key,
+                f"cannot be read from {where} ({type(exc).__name__}: {exc})",
+                unreachable=is_unreachable(exc),
+            ) from exc
         if len(blob) != end - start:
             raise MemberError(name, key, f"is truncated ({len(blob)} of {end - start} bytes)")
         view = np.frombuffer(blob, dtype=np.uint8)
@@ -111,10 +117,21 @@ class MemberReader:
 class MemberError(ValueError):
     """One sample cannot be used; names its shard and key."""
 
-    def __init__(self, shard: str, key: str, why: str) -> None:
+    def __init__(self, shard: str, key: str, why: str, *, unreachable: bool = False) -> None:
         super().__init__(f"shard {shard}, sample {key}: {why}")
         self.shard = shard
         self.key = key
+        # the storage did not answer (connection refused, timeout): no other sample of it
+        # can be read either, so skipping cannot help
+        self.unreachable = unreachable
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """A connection failure (the server went away), not a missing or damaged object."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}  # botocore's are not OSError
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"})
 
 
 def flac_stream_info(data: np.ndarray) -> tuple[int | None, int, int]:

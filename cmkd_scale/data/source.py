@@ -142,6 +142,12 @@ class PlannedSource:
 
     def mark_bad(self, index: int, exc: Exception) -> None:
         """Remember an unreadable sample (corrupt_policy=skip), else raise naming the fix."""
+        if getattr(exc, "unreachable", False):  # the object store went away: stop, resumable
+            raise DataError(
+                f"{exc}; the shard storage does not answer (checked with the client's retries: "
+                "AWS_MAX_ATTEMPTS for S3). Training stops here; rerun the same command once it "
+                "answers and the run resumes from its last checkpoint"
+            ) from exc
         if self.cfg.corrupt_policy != "skip":
             raise DataError(
                 f"{exc}; {self.shards.verify_hint}, or set data.corrupt_policy=skip to "
