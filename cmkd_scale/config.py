@@ -107,6 +107,9 @@ class ModelConfig:
     # released models, whose probabilities the model turns back into logits.
     attention_heads: int = 4
     cla_activation: Literal["linear", "sigmoid"] = "linear"
+    # AST's LayerNorm epsilon; 0 = the timm backbone's (1e-6). Hugging Face AST checkpoints
+    # carry theirs (layer_norm_eps, 1e-12), set when one is loaded (models/hf_ast.py)
+    layer_norm_eps: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.fstride > 0 and self.tstride > 0, "model.fstride/tstride", "must be > 0")

@@ -207,10 +207,17 @@ def build_teacher(
 
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
     fields["name"] = cfg.name.removeprefix(RANDOM_PREFIX)
+    fields["imagenet_weights"] = ""  # a teacher's weights all come from its checkpoint
     if student is None:
         student = DataConfig(target_length=input_tdim, num_mel_bins=input_fdim)
     student_in = InputSettings.of(student)
-    raw = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    from cmkd_scale.models.hf_ast import hf_export, is_hf_ast
+
+    if cfg.checkpoint and is_hf_ast(cfg.checkpoint):
+        # a transformers AST (folder or hf:<id>): an export with its own input settings
+        raw = hf_export(cfg.checkpoint).payload()
+    else:
+        raw = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     exported_data = None
     if Export.looks_like(raw):
         # Our export carries its architecture and its input settings: the teacher is built
@@ -218,7 +225,8 @@ def build_teacher(
         export_cfg = Export.from_payload(raw, source=cfg.checkpoint).config
         exported = export_cfg.get("model", {})
         exported_data = export_cfg.get("data", {})
-        fields.update({k: v for k, v in exported.items() if k in fields and k != "checkpoint"})
+        keep = ("checkpoint", "imagenet_weights")
+        fields.update({k: v for k, v in exported.items() if k in fields and k not in keep})
         log.info("teacher architecture from its export: %s %s", fields["arch"], fields["name"])
     own = teacher_input(cfg, student_in, exported_data, cfg.checkpoint)
     adapter = InputAdapter(student_in, own, pad_input=cfg.pad_input)

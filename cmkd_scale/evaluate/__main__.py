@@ -26,6 +26,7 @@ from cmkd_scale.evaluate.averaging import average_weights, wa_paths
 from cmkd_scale.evaluate.scoring import evaluate, save_result
 from cmkd_scale.logs import setup_logging
 from cmkd_scale.models.exported import Export
+from cmkd_scale.models.hf_ast import read_export
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 averaged.save(args.wa / "models" / f"{name}.pt")
             exports = [averaged]
         else:
-            exports = [Export.load(p) for p in args.checkpoint]
+            # our exports, or transformers AST checkpoints (folder / hf:<id>) with their settings
+            exports = [read_export(p) for p in args.checkpoint]
             name = args.name or ("ensemble" if len(exports) > 1 else args.checkpoint[0].stem)
             out_dir = args.out or args.checkpoint[0].resolve().parent.parent / "eval"
         cfg = _config_with_overrides(exports[0], args.overrides)

@@ -51,6 +51,7 @@ def build_model(
             embed_dim=cfg.embed_dim,
             depth=cfg.depth,
             num_heads=cfg.num_heads,
+            layer_norm_eps=cfg.layer_norm_eps,
         )
     if cfg.arch == "efficientnet":
         return EffNetAttention(

@@ -98,6 +98,7 @@ class ASTModel(nn.Module):
         embed_dim: int = 0,
         depth: int = 0,
         num_heads: int = 0,
+        layer_norm_eps: float = 0.0,
     ) -> None:
         super().__init__()
         overrides = {
@@ -134,6 +135,10 @@ class ASTModel(nn.Module):
         if hasattr(self.v, "head_dist"):
             self.v.head_dist = nn.Identity()
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        if layer_norm_eps:  # e.g. a Hugging Face AST checkpoint's (1e-12)
+            for module in self.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = layer_norm_eps
         self.arch_name = f"ast-{name}-f{fstride}t{tstride}"
         if overrides:
             self.arch_name += "-" + "-".join(f"{k}{v}" for k, v in overrides.items())

@@ -8,6 +8,7 @@ state dict), ``config`` (the resolved training config), ``num_classes``, ``class
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Mapping
@@ -108,7 +109,8 @@ class Export:
 
         cfg = self.cfg
         model = build_model(
-            cfg.model,
+            # every weight comes from the export: no ImageNet download for the start it had
+            dataclasses.replace(cfg.model, imagenet_weights=""),
             num_classes=self.num_classes,
             input_tdim=cfg.data.target_length,
             input_fdim=cfg.data.num_mel_bins,

@@ -141,14 +141,19 @@ def load_classifier(opts: ModelOptions) -> Classifier:
     device = torch.device(
         opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    raw = read_checkpoint(opts.checkpoint)
+    from cmkd_scale.models.hf_ast import hf_export, is_hf_ast
+
+    if is_hf_ast(opts.checkpoint):  # a transformers AST folder / hf:<id>, with its settings
+        raw = hf_export(opts.checkpoint).payload()
+    else:
+        raw = read_checkpoint(opts.checkpoint)
     if Export.looks_like(raw):
         export = Export.from_payload(raw, source=opts.checkpoint)
         cfg = export.cfg
         data = cfg.data
         num_classes = export.num_classes or classifier_width(export.state_dict) or 0
         names = export.class_names or _class_names(num_classes, opts.class_labels)
-        model_cfg = cfg.model
+        model_cfg = dataclasses.replace(cfg.model, imagenet_weights="")  # the export has all
         activation = opts.activation or (
             "softmax" if cfg.distill.loss in ("ce", "kl") else "sigmoid"
         )
