@@ -11,7 +11,8 @@ from cmkd_scale.config import load_config
 from cmkd_scale.train.report import reported_checkpoint, reported_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL = sorted(CONFIGS.glob("*.yaml"))
+STUDIES = sorted(CONFIGS.glob("study_*.yaml"))  # study configs (cmkd_scale.study), not recipes
+ALL = sorted(set(CONFIGS.glob("*.yaml")) - set(STUDIES))
 ARCH = {"cnn": "efficientnet", "ast": "ast"}
 RECIPE = re.compile(r"(audioset_(?:full|balanced)|fsd50k|esc50)_(?:(cnn|ast)2)?(cnn|ast)")
 PAPER = sorted(p for p in ALL if RECIPE.fullmatch(p.stem))
@@ -22,6 +23,14 @@ UNSOURCED = {"name", "seed", "grad_accum", "wa_end_epoch"}
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_every_config_loads(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_study_config_loads_with_its_recipe(path):
+    from cmkd_scale.study.config import load_study
+
+    study = load_study(path)
+    load_config(CONFIGS.parent / study.recipe)
 
 
 def test_the_issue_s_recipes_exist():
