@@ -144,3 +144,16 @@ def test_bad_key_in_a_row_override_fails_before_any_training(study: dict, tmp_pa
     assert "unknown config key 'model.depht'" in proc.stderr
     assert "training ast-seed0" in proc.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_rerun_with_other_settings_keeps_the_finished_runs_and_says_which_keys(study: dict):
+    cmd = [
+        sys.executable, "-m", "cmkd_scale.study", "--config", str(study["config"]),
+        "--out", str(study["out"]), "train.run.max_steps=4",
+    ]  # fmt: skip
+    env = train_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "note: cnn-seed0 was trained with other values of run.max_steps" in proc.stdout
+    assert "training (log" not in proc.stdout
