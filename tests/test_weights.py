@@ -10,6 +10,7 @@ cached AST; with an empty cache both fail naming the fetch command.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,32 @@ def test_an_empty_cache_names_the_fetch_command(data: dict[str, Path], tmp_path:
     assert build.returncode != 0
     assert "WeightsMissingError" in build.stderr
     assert "python -m cmkd_scale.weights fetch --config" in build.stderr
+
+
+def test_evaluate_scores_a_transformers_checkpoint(
+    hf_home: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """`evaluate --checkpoint hf:<id>` (offline, from the cache) with the model's own settings."""
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmkd_scale.evaluate",
+        "--checkpoint",
+        "hf:fake-org/ast-tiny",
+        "--out",
+        str(out),
+        "--name",
+        "hf_ast",
+        f"data.eval={data['eval']}",
+        "data.device=cpu",
+        "data.num_threads=1",
+        "deepspeed.micro_batch=4",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=_offline(hf_home), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "hf_ast_summary.json").read_text())
+    assert 0.0 <= summary["mAP"] <= 1.0
+    assert "sound 0" in (out / "hf_ast_class_ap.csv").read_text()  # its id2label names
