@@ -20,12 +20,12 @@ ALLOWED: dict[str, set[str]] = {
     "logs": set(),
     "diskspace": set(),
     "dist": {"config"},
-    "prep": {"config", "logs"},
+    "prep": {"config", "diskspace", "logs"},
     "data": {"config", "logs"},
     "models": {"config"},
     "distill": {"config", "models"},
     "evaluate": {"config", "dist", "logs", "data", "models"},
-    "tracking": {"config", "logs"},
+    "tracking": {"config", "diskspace", "logs"},
     "train": {
         "config",
         "diskspace",
@@ -44,6 +44,8 @@ ALLOWED: dict[str, set[str]] = {
     "infer": {"serve"},
     "export": {"serve"},
     "features": {"data"},
+    # python -m cmkd_scale.weights fetch: what a recipe's models need, into the local caches
+    "weights": {"config", "logs", "models"},
 }
 
 # library -> the one module allowed to import it
