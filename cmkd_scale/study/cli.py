@@ -236,8 +236,8 @@ def _num_samples(location: str) -> int | None:
 
 
 def _chance(location: str) -> dict[str, float] | None:
-    """mAP of a random scorer (mean prevalence of the present classes) and the majority-class
-    accuracy, from the eval manifest's class counts."""
+    """mAP of a random scorer (mean prevalence of the present classes), its mAUC (0.5) and the
+    majority-class accuracy, from the eval manifest's class counts."""
     manifest = _manifest(location)
     if not manifest or "class_counts" not in manifest or not manifest.get("num_samples"):
         return None
@@ -245,7 +245,7 @@ def _chance(location: str) -> dict[str, float] | None:
     counts = [c for c in manifest["class_counts"] if c > 0]
     if not counts:
         return None
-    return {"mAP": sum(counts) / len(counts) / n, "acc": max(counts) / n}
+    return {"mAP": sum(counts) / len(counts) / n, "mAUC": 0.5, "acc": max(counts) / n}
 
 
 def _write_outputs(result: dict[str, Any], out: Path, parent: Any, echo: Echo) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cmkd_scale.study.table import rows, teacher_scores
+from cmkd_scale.study.table import rows, second_metric, teacher_scores
 
 _COLOURS = {"cnn": "#1f77b4", "ast": "#d62728"}  # by the student's family
 
@@ -17,7 +17,7 @@ _COLOURS = {"cnn": "#1f77b4", "ast": "#d62728"}  # by the student's family
 def plot_study(study: dict[str, Any], out: Path) -> Path:
     """Per-row mean ± std bars with the per-seed points, for the headline and second metric."""
     metrics = [study.get("metric", "mAP")]
-    metrics.append("acc" if metrics[0] == "mAP" else "mAP")
+    metrics.append(second_metric(metrics[0]))
     stats = rows(study)
     names = list(stats)
     fig = Figure(figsize=(max(6.0, 1.3 * len(names) + 2.0) * len(metrics) / 1.6, 4.2))

@@ -95,6 +95,12 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
+def second_metric(metric: str) -> str:
+    """The table's second column: mAUC beside mAP (arg-max accuracy means nothing on a
+    multi-label set), mAP beside acc (single-label sets)."""
+    return "mAUC" if metric == "mAP" else "mAP"
+
+
 def _score(x: float | None) -> str:
     return "?" if x is None else f"{x:.3f}"
 
@@ -167,6 +173,18 @@ def _context(study: dict[str, Any], kd: RowStats, n_text: str) -> str:
     return ", ".join(parts)
 
 
+def _at_last_epoch(row: RowStats) -> int:
+    """Runs whose model, chosen as the best of the run, is from the run's very last epoch."""
+    return sum(
+        1
+        for e in row.entries
+        if (e.get("model") or "best") == "best"
+        and e.get("epochs")
+        and e.get("epoch")
+        and e["epoch"] >= e["epochs"]
+    )
+
+
 def _reasons(
     study: dict[str, Any],
     kd: RowStats,
@@ -219,21 +237,19 @@ def _reasons(
                 "little to transfer.",
             )
         )
-    last = sum(  # a model chosen as the best of the run, taken at its very last epoch
-        1
-        for e in kd.entries
-        if (e.get("model") or "best") == "best"
-        and e.get("epochs")
-        and e.get("epoch")
-        and e["epoch"] >= e["epochs"]
-    )
+    last, base_last = _at_last_epoch(kd), _at_last_epoch(base)
     if last:
+        both = (
+            f"so was the baseline's ({base_last} of {base.n}): both are unfinished models and "
+            "more epochs may change the order"
+            if base_last
+            else "its baseline had peaked earlier: the KD student may need more epochs"
+        )
         out.append(
             (
                 4,
-                f"the student's best model is from its last epoch in {last} of {kd.n} "
-                "run(s): still improving when training stopped, so both are unfinished models "
-                "and more epochs may change the order.",
+                f"the student's best model is from its last epoch in {last} of {kd.n} run(s), "
+                f"i.e. it was still improving when training stopped; {both}.",
             )
         )
     if se is None:
@@ -260,7 +276,7 @@ def _reasons(
 def format_table(study: dict[str, Any]) -> tuple[str, list[Verdict]]:
     """The printed table and the KD rows' verdicts (a below-baseline one always has a line)."""
     metric = study.get("metric", "mAP")
-    other = "acc" if metric == "mAP" else "mAP"
+    other = second_metric(metric)
     stats = rows(study)
     n_seeds = study.get("seeds")
     selected = study.get("selected_on") or "?"
@@ -298,12 +314,13 @@ def format_table(study: dict[str, Any]) -> tuple[str, list[Verdict]]:
         c_main = chance.get(metric)
         c_other = chance.get(other)
         lines.append(
-            f"{'chance':8s} {'(class prevalence / majority class)':34s} {'':2s} "
+            f"{'chance':8s} {'(a random or majority-class scorer)':34s} {'':2s} "
             f"{(f'{c_main:.3f}' if c_main is not None else '—'):>15s} "
             f"{(f'{c_other:.3f}' if c_other is not None else '—'):>15s}".rstrip()
         )
-    teachers = teacher_scores(study)
-    if any(st.teacher for st in stats.values()) and teachers:
+    used = {st.teacher for st in stats.values() if st.teacher}
+    teachers = {f: e for f, e in teacher_scores(study).items() if f in used}
+    if teachers:
         lines.append("")
         lines.append("teachers (the seed-0 no-KD runs' reported models, frozen in the KD rows):")
         for family, e in sorted(teachers.items()):

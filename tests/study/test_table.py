@@ -50,7 +50,7 @@ def _study(values: dict[str, list[float]], **extra) -> dict:
         "seeds": max(len(v) for v in values.values()),
         "rows": list(values),
         "data": {"train_clips": 256},
-        "chance": {"mAP": 0.2, "acc": 0.3},
+        "chance": {"mAP": 0.2, "mAUC": 0.5, "acc": 0.3},
         "entries": entries,
         **extra,
     }
@@ -124,7 +124,8 @@ def test_below_baseline_teacher_near_chance_and_still_improving():
     # teacher 0.40 > CNN baseline 0.35, but only 0.20 above chance 0.20 (25% of the way)
     assert "weaker" not in v.reasons[0]
     assert "only 0.200 above chance (0.200), 25% of the way" in text
-    assert "last epoch in 1 of 1" in text
+    assert "last epoch in 1 of 1 run(s)" in text
+    assert "its baseline had peaked earlier" in text  # the cnn baseline's best was epoch 3
 
 
 def test_kd_row_without_its_baseline_row():
