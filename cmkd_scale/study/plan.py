@@ -144,8 +144,11 @@ def compose(recipe: Path, items: list[str]) -> Config:
     return load_config(recipe, items)
 
 
-def validate(study: StudyConfig, recipe: Path, out: Path, setting: Setting) -> dict[str, Config]:
-    """Compose every training's config before anything runs; errors name the training."""
+def validate(
+    study: StudyConfig, recipe: Path, out: Path, setting: Setting, *, check_files: bool = True
+) -> dict[str, Config]:
+    """Compose every training's config before anything runs; errors name the training.
+    ``check_files``: also look for the data and weight files each training reads."""
     configs: dict[str, Config] = {}
     families: dict[str, Config] = {}
     for training in plan(study, out):
@@ -167,7 +170,8 @@ def validate(study: StudyConfig, recipe: Path, out: Path, setting: Setting) -> d
         configs[training.id] = cfg
         if training.teacher is None:
             families.setdefault(training.student, cfg)
-        _check_inputs(cfg, training)
+        if check_files:
+            _check_inputs(cfg, training)
     return configs
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmkd_scale.study.config import ConfigError, load_study
+from cmkd_scale.study.config import ROOT, ConfigError, load_study
 from cmkd_scale.study.table import format_table, rows, verdict
 
 
@@ -159,3 +159,22 @@ def test_a_final_model_is_not_called_still_improving():
         e["model"], e["epoch"], e["epochs"] = "final", 5, 5  # no val set: the last epoch's model
     _, verdicts = format_table(study)
     assert not any("last epoch" in r for r in verdicts[0].reasons)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").glob("study_*.yaml")), ids=lambda p: p.name
+)
+def test_every_training_of_every_study_config_composes(path: Path, tmp_path: Path):
+    """The trainer's own loader accepts every training the study configs would launch."""
+    from cmkd_scale.study.config import find_recipe
+    from cmkd_scale.study.plan import Setting, plan, validate
+
+    study = load_study(path)
+    configs = validate(
+        study, find_recipe(study.recipe), tmp_path, Setting("sqlite:///x.db", "", "p"),
+        check_files=False,
+    )  # fmt: skip
+    assert len(configs) == len(plan(study, tmp_path))
+    kd = [c for c in configs.values() if c.teacher.arch != "none"]
+    assert all(c.tracking.parent_run_id == "p" for c in configs.values())
+    assert {c.model.arch for c in kd} <= {"ast", "efficientnet", "timm"} and kd
