@@ -1,17 +1,23 @@
-"""The main job on an embedded default: the whole system end to end on one machine.
+"""The main job on an embedded default: the whole system end to end on one machine, as a
+one-seed CMKD study on a synthetic dataset.
 
-    python -m cmkd_scale.demo [--out demo_out] [--train-clips 320] [--epochs 6]
+    python -m cmkd_scale.demo [--out demo_out] [--train-clips 256] [--epochs 5] [--reverse]
+                              [--cnn efficientnet_b0] [key.sub=value ...]
 
 No cluster, no GPU, no server needed (a GPU is used when present):
   1. generate a small learnable dataset in AudioSet's exact format (Google CSV, real 527-class
-     index, overlapping labels) and pack it with ``cmkd_scale.prep`` into WebDataset shards;
-  2. compute the dataset's normalisation stats (``cmkd_scale.features stats``);
-  3. train the two families plainly (a small CNN, a small AST) — these are the teachers and
-     the no-KD baselines;
-  4. distill the AST from the CNN (CMKD; ``--reverse`` also distills the CNN from the AST);
-  5. take every run's best per-epoch evaluation (mAP/mAUC/d'), print the table, and
-     leave all runs in one embedded MLflow store with the command that opens its UI.
-Every stage is the same command a user runs on a cluster, launched as a subprocess.
+     index, overlapping labels) as train / val / eval splits, and pack each with
+     ``cmkd_scale.prep`` into WebDataset shards;
+  2. compute the training set's normalisation stats (``python -m cmkd_scale.features stats``);
+  3. run ``configs/study_demo.yaml`` through the study command's code
+     (:mod:`cmkd_scale.study`): the CNN and AST baselines without KD (the teachers), then the
+     AST distilled from the CNN (CMKD; ``--reverse`` adds the CNN distilled from the AST);
+  4. print the study table: each model's eval scores, each KD student's gain over its no-KD
+     baseline and, when a student ends below its baseline, a line saying so and why; leave
+     study.json / study.png in OUT and all runs in one embedded MLflow store (children of
+     one parent run), with the command that opens its UI.
+Every training is the command a user runs on a cluster (``python -m cmkd_scale.train``),
+launched as a subprocess with its output in OUT/logs/.
 """
 
 from __future__ import annotations
@@ -19,49 +25,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import resource
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from cmkd_scale.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-
-# The demo's CNN is timm's MobileNetV3-Small: on 2 CPU cores EfficientNet-B0 trains ~6x slower
-# (depthwise convolutions), which would not fit the 10-minute budget. The recipes use
-# EfficientNet-B2 with PSLA attention pooling; `--cnn efficientnet_b0` runs the demo with it.
-CNN = ["model.arch=timm", "model.name=mobilenetv3_small_100"]
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    title: str
-    student: list[str]
-    teacher_of: str = ""  # name of the stage whose best model teaches this one
-    teacher_arch: str = ""  # the rest of the teacher's architecture comes from its export
-
-
-def stages(cnn: list[str], reverse: bool) -> list[Stage]:
-    """Teacher/baseline runs first, then the distillation runs that use them."""
-    arch = cnn[0].split("=")[1]
-    out = [
-        Stage("cnn", "CNN (no KD)", cnn),
-        Stage("ast", "AST (no KD)", []),
-        Stage("cnn2ast", "AST <- CNN teacher (CMKD)", [], "cnn", arch),
-    ]
-    if reverse:
-        out.append(Stage("ast2cnn", "CNN <- AST teacher (CMKD)", cnn, "ast", "ast"))
-    return out
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = ROOT / "configs" / "study_demo.yaml"
+SPLITS = (("train", 0), ("val", 2), ("eval", 1))  # split, generator seed
 
 
 def _run(cmd: list[str], what: str) -> None:
-    """Run one stage's command; its output streams through."""
+    """Run one preparation step; its output streams through."""
     log.info("%s: %s", what, shlex.join(cmd))
     started = time.monotonic()
     proc = subprocess.run(cmd)
@@ -72,17 +54,17 @@ def _run(cmd: list[str], what: str) -> None:
     log.info("%s done in %.0f s", what, time.monotonic() - started)
 
 
-def _make_data(out: Path, train_clips: int, eval_clips: int, workers: int) -> tuple[Path, Path]:
+def _make_data(out: Path, clips: dict[str, int], workers: int) -> dict[str, Path]:
     from cmkd_scale.demo.synth import make_synthetic_audioset
 
     shards = {}
-    for split, clips, seed in (("train", train_clips, 0), ("eval", eval_clips, 1)):
+    for split, seed in SPLITS:
         dest = out / "shards" / split
         if (dest / "manifest.json").is_file():
             log.info("%s shards already in %s", split, dest)
         else:
             ds = make_synthetic_audioset(
-                out / "raw", num_clips=clips, duration_s=3.0, seed=seed, split=split
+                out / "raw", num_clips=clips[split], duration_s=3.0, seed=seed, split=split
             )
             _run(
                 [sys.executable, "-m", "cmkd_scale.prep", "--segments", str(ds.segments_csv),
@@ -91,7 +73,7 @@ def _make_data(out: Path, train_clips: int, eval_clips: int, workers: int) -> tu
                 f"prep {split}",
             )  # fmt: skip
         shards[split] = dest
-    return shards["train"], shards["eval"]
+    return shards
 
 
 def _norm_stats(train: Path, out: Path) -> tuple[float, float]:
@@ -106,78 +88,92 @@ def _norm_stats(train: Path, out: Path) -> tuple[float, float]:
     return float(stats["norm_mean"]), float(stats["norm_std"])
 
 
+def _load() -> str:
+    """The machine's load while the demo ran: its time means little without it."""
+    one, five, fifteen = os.getloadavg()
+    cores = os.cpu_count()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} over 1/5/15 min on {cores} cores"
+
+
+def _cpu_s() -> float:
+    """CPU seconds of the demo and every process it waited for (prep, stats, trainings)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cmkd_scale.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m cmkd_scale.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--train-clips", type=int, default=256)
+    p.add_argument("--val-clips", type=int, default=64)
     p.add_argument("--eval-clips", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=0, help="epochs per training (0: the study's)")
     p.add_argument("--cnn", default="", help="e.g. efficientnet_b0 (default: MobileNetV3-Small)")
     p.add_argument("--reverse", action="store_true", help="also distill the CNN from the AST")
     p.add_argument("--workers", type=int, default=1, help="prep processes (1 = in-process)")
-    p.add_argument("overrides", nargs="*", help="extra key.sub=value for every training stage")
+    p.add_argument("overrides", nargs="*", help="extra key.sub=value for every training")
     args = p.parse_args(argv)
     setup_logging()
     started = time.monotonic()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    train, evalset = _make_data(out, args.train_clips, args.eval_clips, args.workers)
-    mean, std = _norm_stats(train, out)
-    tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
-    common = [
-        f"data.train={train}", f"data.eval={evalset}", f"data.norm_mean={mean}",
-        f"data.norm_std={std}", f"run.epochs={args.epochs}", f"tracking.uri={tracking_uri}",
-    ]  # fmt: skip
+    clips = {"train": args.train_clips, "val": args.val_clips, "eval": args.eval_clips}
+    shards = _make_data(out, clips, args.workers)
+    mean, std = _norm_stats(shards["train"], out)
 
-    cnn = CNN
+    from cmkd_scale.study.cli import run_study
+    from cmkd_scale.study.config import load_study
+    from cmkd_scale.study.plan import has_val_split
+
+    rows = ["cnn", "ast", "cnn2ast"] + (["ast2cnn"] if args.reverse else [])
+    items = [
+        f"out={out}",  # runs/, logs/, study.json, study.png, mlflow.db (the embedded store)
+        f"rows={','.join(rows)}",
+        f"data.train={shards['train']}",
+        # model selection on the val split where the trainer takes one (never on eval)
+        f"data.val={shards['val'] if has_val_split() else ''}",
+        f"data.eval={shards['eval']}",
+        f"train.data.norm_mean={mean}",
+        f"train.data.norm_std={std}",
+    ]
+    if args.epochs:  # every training, the CNN teacher included
+        items += [f"train.run.epochs={args.epochs}", f"cnn.run.epochs={args.epochs}"]
     if args.cnn:
-        cnn = ["model.arch=efficientnet", f"model.name={args.cnn}", "model.pooling=attention"]
-    plan = stages(cnn, args.reverse)
-    results: dict[str, dict] = {}
-    for stage in plan:
-        run_dir = out / "runs" / stage.name
-        cmd = [sys.executable, "-m", "cmkd_scale.train", "--config", str(CONFIG), *common,
-               f"run.dir={run_dir}", f"run.name=demo-{stage.name}", *stage.student]  # fmt: skip
-        if stage.teacher_of:
-            teacher = out / "runs" / stage.teacher_of / "models" / "best.pt"
-            cmd += [f"teacher.arch={stage.teacher_arch}", f"teacher.checkpoint={teacher}"]
-        cmd += args.overrides
-        _run(cmd, f"train {stage.name}")
-        results[stage.name] = _best_eval(run_dir)
+        items += [
+            "cnn.model.arch=efficientnet",
+            f"cnn.model.name={args.cnn}",
+            "cnn.model.pooling=attention",
+        ]
+    items += [f"train.{item}" for item in args.overrides]
+    from cmkd_scale.config import ConfigError
+    from cmkd_scale.study.runner import StudyError
 
-    chance = _chance_map(evalset)
-    lines = [
-        "",
-        f"{'model':42s} {'mAP':>7s} {'mAUC':>7s} {'d-prime':>8s}",
-        f"{'chance (label prevalence)':42s} {chance:7.3f}",
-    ]
-    for stage in plan:
-        r = results[stage.name]
-        lines.append(f"{stage.title:42s} {r['mAP']:7.3f} {r['mAUC']:7.3f} {r['dprime']:8.3f}")
-    lines += [
-        "",
-        f"demo finished in {time.monotonic() - started:.0f} s; outputs in {out}",
-        "open the MLflow UI on these runs with:",
-        f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000",
-    ]
-    print("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"chance_mAP": chance, **results}, indent=2))
+    try:
+        run_study(load_study(STUDY, items))
+    except ConfigError as exc:
+        print(f"demo: config error: {exc}", file=sys.stderr)
+        return 2
+    except StudyError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+    print(
+        "\n".join(
+            [
+                "",
+                f"demo finished in {time.monotonic() - started:.0f} s ({_cpu_s():.0f} CPU-s; "
+                f"{_load()}); outputs in {out}",
+                "open the MLflow UI on these runs with:",
+                f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000",
+                "then a 'MLflow runs table:' link logged above (eval and KD columns),",
+                "or the UI sidebar's 'Model training' switch (it opens on GenAI pages)",
+            ]
+        ),
+        flush=True,
+    )
     return 0
-
-
-def _best_eval(run_dir: Path) -> dict:
-    """The best of the trainer's per-epoch evaluations (the one kept as models/best.pt)."""
-    summaries = sorted((run_dir / "eval").glob("epoch-*_summary.json"))
-    if not summaries:
-        raise SystemExit(f"demo: no evaluation results in {run_dir / 'eval'}")
-    return max((json.loads(p.read_text()) for p in summaries), key=lambda r: r["mAP"])
-
-
-def _chance_map(evalset: Path) -> float:
-    """mAP of a random scorer = mean positive rate over the classes present in the eval set."""
-    manifest = json.loads((evalset / "manifest.json").read_text())
-    counts = [c for c in manifest["class_counts"] if c > 0]
-    return sum(counts) / len(counts) / manifest["num_samples"]
 
 
 if __name__ == "__main__":
