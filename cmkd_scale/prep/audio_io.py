@@ -17,7 +17,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-SAMPLE_RATE = 16000
+from cmkd_scale import SAMPLE_RATE
+
 CUT_TOLERANCE_S = 1.0  # a file longer than the segment by more than this is the whole video
 RESAMPLER = f"soxr {soxr.__version__} quality=HQ"
 FLAC_SUBTYPE = "PCM_16"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmkd_scale import sha256_of
+
 from .clip import ClipJob, ClipResult
 from .config import DEFAULT_SHARD_SIZE, PrepConfig
 from .decoders import DecoderPool, WorkerDied
@@ -24,7 +26,7 @@ from .manifest import MANIFEST_FILE, finalize
 from .plan import PLAN_FILE, Plan, PlanError, canonical_json, make_plan, task_shards
 from .progress import Progress
 from .segments import Segment
-from .shards import ShardWriter, multi_hot, sample_json, sha256_of, shard_name
+from .shards import ShardWriter, multi_hot, sample_json, shard_name
 from .storage import Output
 
 log = logging.getLogger(__name__)
@@ -187,6 +189,7 @@ def _write_shard(
         if not samples:  # nothing good in this range: publish no tar (DALI cannot read one)
             raise _EmptyShard
         f.flush()
+        f.seek(0)
         digest, size = sha256_of(f)
     if samples:  # the tar is published; its index next, the meta (completion marker) last
         out.write_bytes(f"{name}.idx", idx_bytes)

@@ -9,7 +9,6 @@ offset is the member's data offset in the tar.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -92,17 +91,6 @@ class ShardWriter:
         self._tar.close()
         lines = [f"{IDX_VERSION} {len(self._idx_lines)}", *self._idx_lines]
         return ("\n".join(lines) + "\n").encode()
-
-
-def sha256_of(fileobj: BinaryIO) -> tuple[str, int]:
-    """(hex digest, byte count) of a file object read from its start."""
-    fileobj.seek(0)
-    h = hashlib.sha256()
-    n = 0
-    for block in iter(lambda: fileobj.read(1 << 20), b""):
-        h.update(block)
-        n += len(block)
-    return h.hexdigest(), n
 
 
 def index_from_tar(fileobj: BinaryIO) -> bytes:

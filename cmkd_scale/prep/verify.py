@@ -10,9 +10,11 @@ import tarfile
 import numpy as np
 import soundfile as sf
 
+from cmkd_scale import sha256_of
+
 from .manifest import MANIFEST_FILE, MANIFEST_FORMAT
 from .progress import Progress
-from .shards import MEMBER_EXTS, index_from_tar, sha256_of
+from .shards import MEMBER_EXTS, index_from_tar
 from .storage import Output
 from .weights import class_counts, sample_weights
 
