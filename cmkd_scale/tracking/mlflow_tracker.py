@@ -38,9 +38,9 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 # The runs-table columns of the experiment's saved view (remote.VIEW_KEY, opened by the links
-# the tracker prints): the reported model's eval summary, then the KD setup.
+# the tracker prints), in this order after Run Name and Created: the reported model's eval
+# summary, the KD setup, then the data, model and source of the run.
 VIEW_COLUMNS = (
-    column("attributes", "Dataset"),
     column("metrics", "report/mAP"),
     column("metrics", "report/mAUC"),
     column("metrics", "report/dprime"),
@@ -51,6 +51,7 @@ VIEW_COLUMNS = (
     column("params", "distill.lambda_"),
     column("params", "distill.temperature"),
     column("params", "effective.global_batch"),
+    column("attributes", "Dataset"),
     column("attributes", "Models"),
     column("attributes", "Source"),
 )
@@ -170,7 +171,13 @@ class MlflowTracker(Tracker):
             if summary is not None:
                 self.log_dict(summary, f"data/{split}_manifest_summary.json")
                 sha = tags.get(f"data.{split}.sha256", "unavailable")
-                datasets.append(sysinfo.dataset_record(location, summary, sha, context))
+                record = sysinfo.dataset_record(location, summary, sha, context)
+                key = (record["source"], sha)
+                same = [d for d in datasets if (d["source"], d["digest"]) == key]
+                if same:  # one set in two roles (val = eval): MLflow keeps one input per set
+                    same[0]["context"] += f", {context}"
+                else:
+                    datasets.append(record)
         if datasets:
             self.log_datasets(datasets)
 

@@ -269,7 +269,7 @@ class RemoteRun:
 
 def table_view(columns: Sequence[str]) -> str:
     """The JSON of a saved runs-table view selecting ``columns`` (as the UI's Share writes)."""
-    return json.dumps({"selectedColumns": list(columns), "viewMaximized": False})
+    return json.dumps({"selectedColumns": list(columns), "columnOrder": list(columns)})
 
 
 def experiment_url(base: str, experiment_id: str, with_view: bool = True) -> str:
@@ -341,10 +341,21 @@ def log_pyfunc_model(uri: str, run_id: str, spec: dict[str, Any]) -> str:
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     register = spec.get("register") or None
+    name = spec.get("name", "model")
+    client = MlflowClient(tracking_uri=uri)
+    # created here, in the run's experiment: Model.log alone would put it in the process's
+    # active experiment (the default one: the runs table's Models column would stay empty)
+    logged = client.create_logged_model(
+        experiment_id=client.get_run(run_id).info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        tags={k: str(v) for k, v in spec.get("tags", {}).items()},
+    )
     with _use_tracking_uri(uri):  # Model.log reads the process's tracking URI
         info = Model.log(
             None,  # artifact_path: deprecated for name, still positional
-            name=spec.get("name", "model"),
+            name=name,
+            model_id=logged.model_id,
             flavor=mlflow.pyfunc,
             run_id=run_id,
             registered_model_name=register,
@@ -353,7 +364,6 @@ def log_pyfunc_model(uri: str, run_id: str, spec: dict[str, Any]) -> str:
             data_path=spec["path"],  # copied into the model's data/ folder
             signature=_signature(spec),
             pip_requirements=list(spec.get("pip_requirements", [])),
-            tags=dict(spec.get("tags", {})),
             metadata=dict(spec.get("metadata", {})),
         )
     log.info("MLflow model %s%s", info.model_uri, f" registered as {register}" if register else "")

@@ -46,7 +46,8 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def tracked(data: dict[str, Path], mlflow_server, tmp_path_factory) -> dict:
-    """2 ranks, random CNN teacher -> tiny AST, tracked on the real server, model registered."""
+    """2 ranks, random CNN teacher -> tiny AST, chosen on a val split, tracked on the real
+    server, its model registered."""
     from mlflow import MlflowClient
 
     run_dir = tmp_path_factory.mktemp("tracked") / "run"
@@ -56,6 +57,7 @@ def tracked(data: dict[str, Path], mlflow_server, tmp_path_factory) -> dict:
         "teacher.arch=efficientnet",
         "teacher.name=random:efficientnet_b0",
         "teacher.checkpoint=",
+        f"data.val={data['eval']}",  # a validation split: chooses best.pt, a third dataset
         "tracking.enabled=true",
         f"tracking.uri={mlflow_server.uri}",
         f"tracking.experiment={EXPERIMENT}",
@@ -91,8 +93,9 @@ def test_a_training_experiment_with_its_table_view(tracked) -> None:
 
 def test_shard_sets_are_dataset_inputs(tracked, data) -> None:
     inputs = {i.tags[0].value: i.dataset for i in tracked["run"].inputs.dataset_inputs if i.tags}
-    assert set(inputs) == {"training", "evaluation"}
-    for context, split in (("training", "train"), ("evaluation", "eval")):
+    # data.val is data.eval here: one dataset input in both roles
+    assert set(inputs) == {"training", "validation, evaluation"}
+    for context, split in (("training", "train"), ("validation, evaluation", "eval")):
         dataset = inputs[context]
         manifest = json.loads((data[split] / "manifest.json").read_text())
         from cmkd_scale import sha256_of
@@ -113,7 +116,10 @@ def test_registered_model_tags_files_as_infer_does(tracked, tmp_path: Path) -> N
     import pandas as pd
 
     client, run = tracked["client"], tracked["run"]
-    assert [o.model_id for o in run.outputs.model_outputs], "no logged model"
+    outputs = [o.model_id for o in run.outputs.model_outputs]
+    # the logged model belongs to the run's experiment (the runs table's Models column)
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.model_id for m in logged] == outputs and logged[0].source_run_id == run.info.run_id
     version = client.search_model_versions(f"name = '{REGISTERED}'")[0]
     assert version.run_id == run.info.run_id
     # a clip of a class the run learned (data's synthetic AudioSet tones) and plain noise
@@ -146,6 +152,28 @@ def test_registered_model_tags_files_as_infer_does(tracked, tmp_path: Path) -> N
     assert list(again.loc[0, "labels"]) == list(got.loc[0, "labels"])
 
 
+def test_upload_again_sends_no_second_model_or_dataset(tracked) -> None:
+    """The upload command replays inputs and models from the journal: nothing is doubled."""
+    from cmkd_scale.tracking.upload import upload
+
+    report = upload(tracked["run_dir"])
+    assert report.models == 0 and report.models_present == 1
+    run = tracked["client"].get_run(tracked["run"].info.run_id)
+    assert len(run.inputs.dataset_inputs) == len(tracked["run"].inputs.dataset_inputs)
+    assert len(run.outputs.model_outputs) == 1
+
+
+def _close_panels(page) -> None:
+    """Close the UI's assistant side panel and any announcement dialog (both "Close")."""
+    for _ in range(3):
+        buttons = page.get_by_role("button", name="Close", exact=True).all()
+        visible = [b for b in buttons if b.is_visible()]
+        if not visible:
+            return
+        visible[-1].click()
+        page.wait_for_timeout(500)
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} absent (Debian chromium)")
 def test_ui_shows_runs_table_datasets_and_model(tracked) -> None:
@@ -157,21 +185,27 @@ def test_ui_shows_runs_table_datasets_and_model(tracked) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1800, "height": 900})
+            page = browser.new_page(viewport={"width": 2400, "height": 1000})
             # the link the tracker prints: the runs table with our columns
             page.goto(experiment_url(uri, eid))
             page.get_by_text("report/mAP").first.wait_for(timeout=120_000)
             page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
             assert "/runs" in page.url and "traces" not in page.url
+            _close_panels(page)
+            # the Models column: the logged model (fetched after the table)
+            models_cell = page.get_by_role("link", name="model", exact=True)
+            models_cell.or_(page.get_by_text(REGISTERED)).first.wait_for(timeout=60_000)
             page.screenshot(path=str(SHOTS / "mlflow_runs_table.png"))
             # the run page: its datasets
             page.goto(f"{uri}/#/experiments/{eid}/runs/{rid}?workflowType=machine_learning")
             page.get_by_text("Datasets").first.wait_for(timeout=120_000)
-            page.get_by_text("train").first.wait_for(timeout=60_000)
+            page.get_by_text("train (").first.wait_for(timeout=60_000)
+            _close_panels(page)
             page.screenshot(path=str(SHOTS / "mlflow_run_datasets.png"), full_page=True)
             # the model registry
             page.goto(f"{uri}/#/models?workflowType=machine_learning")
             page.get_by_text(REGISTERED).first.wait_for(timeout=120_000)
+            _close_panels(page)
             page.screenshot(path=str(SHOTS / "mlflow_registered_model.png"))
         finally:
             browser.close()
