@@ -39,6 +39,16 @@ class RunConfig:
     eval_every_steps: int = 0  # 0 = evaluate at the end of every epoch only
     checkpoint_every_steps: int = 0  # 0 = checkpoint at epoch ends only
     keep_checkpoints: int = 2  # step checkpoints kept besides epoch-end and best ones
+    # epoch-end training states kept (the newest N; 0 = every one). The epoch exports in
+    # models/ (weight averaging) are kept regardless.
+    keep_epoch_checkpoints: int = 2
+    # a rank that dies or hangs ends the job; it restarts from the newest intact checkpoint
+    # this many times (torchrun --max-restarts via cmkd_scale.train.launch; SLURM requeues in
+    # launch/train.sbatch), then stops with a summary of the failures
+    max_restarts: int = 3
+    # a collective that waits longer raises (a hung or SIGSTOPped rank): longer than the
+    # slowest work one rank does while the others wait (rank 0's export of a checkpoint)
+    collective_timeout_s: float = 1800.0
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10
     deterministic: bool = False
@@ -50,6 +60,9 @@ class RunConfig:
         _check(self.epochs >= 1, "run.epochs", "must be >= 1")
         _check(self.max_steps >= 0, "run.max_steps", "must be >= 0 (0 = all epochs)")
         _check(self.log_every_steps >= 1, "run.log_every_steps", "must be >= 1")
+        _check(self.keep_epoch_checkpoints >= 0, "run.keep_epoch_checkpoints", ">= 0 (0 = all)")
+        _check(self.max_restarts >= 0, "run.max_restarts", "must be >= 0")
+        _check(self.collective_timeout_s > 0, "run.collective_timeout_s", "must be > 0")
 
 
 @dataclass(kw_only=True)

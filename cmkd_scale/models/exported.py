@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,9 +73,13 @@ class Export:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"exported checkpoint {path} does not exist")
-        return cls.from_payload(
-            torch.load(path, map_location="cpu", weights_only=True), source=path
-        )
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            from cmkd_scale.models.load import refusal
+
+            raise ExportError(refusal(path, exc)) from exc
+        return cls.from_payload(payload, source=path)
 
     def payload(self) -> dict[str, Any]:
         """The dict that is saved (with the format tag)."""

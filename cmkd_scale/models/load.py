@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,29 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
+def refusal(path: str | Path, exc: BaseException) -> str:
+    """Why a weights-only ``torch.load`` of ``path`` failed, in words.
+
+    Files that may come from someone else (exports, teachers, released checkpoints, evaluate /
+    infer / export inputs) are read with ``weights_only=True``: tensors and plain values only.
+    A pickle that names a callable (``__reduce__``: code that would run on load) is refused.
+    """
+    text = str(exc)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(exc, pickle.UnpicklingError) or named:
+        what = f"it names {named.group(1)!r}, which" if named else "it holds an object that"
+        return (
+            f"checkpoint {path} was refused: {what} torch.load would call; files from outside "
+            "a run are read weights-only (tensors and plain values). Re-save it as a plain "
+            "state dict: torch.save(model.state_dict(), path)"
+        )
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return (
+        f"checkpoint {path} is not a readable torch file ({first}): truncated, or not a "
+        "checkpoint; re-download or re-export it"
+    )
+
+
 def read_checkpoint(path: str) -> Any:
     """``torch.load`` a local or fsspec path with ``weights_only=True`` onto the CPU."""
     try:
@@ -46,11 +70,8 @@ def read_checkpoint(path: str) -> Any:
             return torch.load(handle, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {path} does not exist") from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable weights-only torch file ({exc}); re-save it "
-            "as a plain state dict (torch.save(model.state_dict(), path))"
-        ) from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(refusal(path, exc)) from exc
 
 
 def _is_state_dict(obj: Any) -> bool:

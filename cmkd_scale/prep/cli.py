@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..diskspace import StorageError
 from ..logs import setup_logging
 from .config import DEFAULT_ORDER_SEED, DEFAULT_SHARD_SIZE, FORMATS, FSD50K_SPLITS, PrepConfig
 from .decoders import DEFAULT_TIMEOUT_S
@@ -232,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         args = _run_parser().parse_args(argv)
         run_prep(config_from_args(args))
         return 0
-    except (SegmentsError, PlanError, FinalizeError, FileNotFoundError, WorkerDied) as exc:
+    except (
+        SegmentsError,
+        PlanError,
+        FinalizeError,
+        FileNotFoundError,
+        WorkerDied,
+        StorageError,
+    ) as exc:
         log.error("%s", exc)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cmkd_scale import sha256_of
 
+from ..diskspace import explain_storage_errors
 from .clip import ClipJob, ClipResult
 from .config import DEFAULT_SHARD_SIZE, PrepConfig
 from .decoders import DecoderPool, WorkerDied
@@ -30,6 +31,8 @@ from .shards import ShardWriter, multi_hot, sample_json, shard_name
 from .storage import Output
 
 log = logging.getLogger(__name__)
+# what a shard needs on disk, per clip, for the full-disk message (10 s of 16 kHz FLAC ~0.2 MB)
+_CLIP_BYTES = 200_000
 
 SHARD_FORMAT = "cmkd_scale.prep-shard/1"
 __all__ = ["DEFAULT_SHARD_SIZE", "SHARD_FORMAT", "run_prep", "run_task"]
@@ -250,7 +253,14 @@ def run_task(config: PrepConfig) -> tuple[Plan, Output, list[int]]:
             pool.describe = _describe(plan, index)
             progress = Progress(total, config.progress_every_s)
             for work, results in _processed(_locate(plan, index, pending), pool):
-                _write_shard(output, plan, work, results, index, progress)
+                name = shard_name(work.j)
+                with explain_storage_errors(  # a full disk: one message, finished shards kept
+                    f"prep: shard {name}",
+                    f"{output.url.rstrip('/')}/{name}.tar",
+                    needed=plan.shard_size * _CLIP_BYTES,
+                    hint="Free some space and rerun the same command: finished shards are kept",
+                ):
+                    _write_shard(output, plan, work, results, index, progress)
     except WorkerDied as exc:
         name = shard_name(work.j) if work is not None else "the first shard"
         raise WorkerDied(

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cmkd_scale.diskspace import explain_storage_errors
+
 log = logging.getLogger(__name__)
 
 
@@ -58,8 +60,11 @@ class Journal:
             if self._fh.closed:  # a call after finish(): nothing to record it in
                 log.warning("tracking call after the run ended, not recorded: %s", line[:200])
                 return record
-            self._fh.write(line + "\n")
-            self._fh.flush()
+            with explain_storage_errors(
+                "tracking journal", self.path, needed=len(line) + 1, hint="Free some space"
+            ):
+                self._fh.write(line + "\n")
+                self._fh.flush()
         return record
 
     def rotate(self) -> Path | None:

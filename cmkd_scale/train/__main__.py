@@ -70,9 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine.ds_env_defaults()
     # DeepSpeed calls torch.distributed functions torch has deprecated: not our users' concern
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    trainer = Trainer(cfg, early_signals=_EARLY_SIGNALS)
+    from cmkd_scale.train import restarts
+
+    restarts.announce_attempt(cfg.run.max_restarts)
+    trainer: Trainer | None = None
     status, note = "FAILED", "crashed; resume from checkpoints/latest"
     try:
+        trainer = Trainer(cfg, early_signals=_EARLY_SIGNALS)
         code = trainer.train()
         if code == EXIT_REQUEUE:
             status = "KILLED"
@@ -82,8 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = "FINISHED"
             note = f"reports {report.get('model')}: eval mAP {report.get('mAP', float('nan')):.4f}"
         return code
+    except Exception as exc:
+        # a lost/hung rank or a full disk: one message, a record in failures.jsonl and an exit
+        # code the launchers act on; anything else is re-raised with its traceback
+        step = trainer.state.global_step if trainer is not None else 0
+        code = restarts.exit_code_for(exc, Path(cfg.run.dir), step=step)
+        if code == restarts.EXIT_RANK_LOST:
+            # the process group is broken: closing DALI and the group only delays the restart
+            if trainer is not None:
+                trainer.tracker.finish(status, f"a rank was lost at step {step}")
+            restarts.exit_now(code)
+        return code
     finally:
-        trainer.close(status, note)
+        if trainer is not None:
+            trainer.close(status, note)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 
 from cmkd_scale import dist
 from cmkd_scale.config import Config, ConfigError
+from cmkd_scale.diskspace import StorageError
 from cmkd_scale.dist import EXIT_REQUEUE
 from cmkd_scale.models.exported import copy_export, epoch_tag
 from cmkd_scale.train import engine
@@ -83,7 +84,7 @@ class Trainer:
         self.env = dist.resolve_dist_env()
         # the batch split and lr for this world size, refused before any process group exists
         self.plan = check_supported(cfg, self.env.world_size)
-        engine.init_distributed(self.env)
+        engine.init_distributed(self.env, collective_timeout_s=cfg.run.collective_timeout_s)
         self.device = dist.device_for(self.env)
         self.run_dir = Path(cfg.run.dir)
         self.is_main = self.env.is_main
@@ -163,6 +164,8 @@ class Trainer:
             total_steps=self.total_steps,
             plan=plan,
         )
+        # from here on a collective that waits longer (a hung or stopped rank) raises
+        engine.set_collective_timeout(cfg.run.collective_timeout_s)
         torch.manual_seed(cfg.run.seed + 1000 * self.env.rank)  # per-rank dropout streams
         n_params = sum(p.numel() for p in student.parameters())
         log.info("student %s: %.2f M params", cfg.model.name, n_params / 1e6)
@@ -172,9 +175,12 @@ class Trainer:
             rank=self.env.rank,
             zero_stage=ds.zero_stage,
             keep=cfg.run.keep_checkpoints,
+            keep_epochs=cfg.run.keep_epoch_checkpoints,
+            world_size=self.env.world_size,
+            estimated_bytes=engine.estimated_checkpoint_bytes(cfg, student),
         )
         self.state = TrainerState(config=cfg.to_dict(), world_size=self.env.world_size)
-        latest = self.ckpt.latest_tag()
+        latest = self.ckpt.resume_tag()  # the newest intact one; broken ones are set aside
         if latest is not None:
             self.state = self.ckpt.load(self.engine, latest)
             if self.state.loader:
@@ -429,11 +435,21 @@ class Trainer:
     def _export(self, tag: str, filename: str) -> Path:
         """Rank 0 writes ``models/<filename>`` from checkpoint ``tag``; all ranks wait."""
         dest = self.ckpt.models_dir / filename
+        failed: str | None = None
         if self.is_main:
-            self.ckpt.export(
-                tag, dest, cfg=self.cfg, num_classes=self.num_classes, class_names=self.class_names
-            )
-        dist.barrier()
+            try:
+                self.ckpt.export(
+                    tag,
+                    dest,
+                    cfg=self.cfg,
+                    num_classes=self.num_classes,
+                    class_names=self.class_names,
+                )
+            except StorageError as exc:  # a full disk: every rank stops with rank 0's words
+                failed = str(exc)
+        failed = dist.broadcast_object(failed)  # type: ignore[assignment]
+        if failed:
+            raise StorageError(failed, path=dest, needed=None, free=None)
         return dest
 
     def _end_epoch(self) -> None:
