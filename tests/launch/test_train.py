@@ -7,7 +7,9 @@ its step count having seen exactly its samples, and eval.sbatch evaluates its ex
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -107,7 +109,9 @@ def test_train_sbatch_two_nodes_gloo_with_teacher(reference_run: Run) -> None:
         plan = f"training 2 epochs x 4 steps (total {TOTAL_STEPS}) on 2 rank(s)"
         assert f"[rank {rank}]: {plan}" in text
         assert f"[rank {rank}]: teacher random:efficientnet_b0" in text
-    assert re.search(r"\[rank 0\]: eval epoch-002: mAP [0-9.]+", text), text
+    assert re.search(
+        r"\[rank 0\]: eval epoch-002( \(monitoring only[^)]*\))?: mAP [0-9.]+", text
+    ), text
     assert f"training done: step {TOTAL_STEPS}" in text
     assert "training finished" in text
     assert _train_steps(reference_run.dir) == list(range(1, TOTAL_STEPS + 1))
@@ -294,3 +298,96 @@ def test_time_limit_signal_reaches_every_rank_not_the_batch_shell(
     assert "rank 0 got SIGUSR1" in text and "rank 1 got SIGUSR1" in text, text
     assert "batch shell got USR1" not in text
     assert "srun exit code 85" in text
+
+
+# ---------------------------------------------------------------- a rank lost (issue 17)
+
+# measured on the 2-core CI VM (loaded): from kill -9 of a rank to the batch shell's "training
+# failed" line 0.4 s (the peer sees the closed connection at once, srun --kill-on-bad-exit
+# ends the step); a stopped rank: run.collective_timeout_s + ~1 s (21.1 s with 20 s)
+LOST_RANK_BOUND_S = 30
+COLLECTIVE_TIMEOUT_S = 20
+
+
+def _rank_pid(job: int, rank: int) -> int:
+    """The pid of trainer rank ``rank`` of SLURM job ``job`` (both nodes are this machine)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"-m\0cmkd_scale.train\0" not in (proc / "cmdline").read_bytes():
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+            if f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={rank}".encode() in env:
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no trainer process of rank {rank} in job {job}")
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step (a step taken again after a restart: its last record)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill-9", "sigstop"])
+def test_a_lost_rank_ends_the_job_which_requeues_and_matches_uninterrupted(
+    slurm_cluster: SlurmCluster,
+    shards: Shards,
+    reference_run: Run,
+    tmp_path: Path,
+    sig: int,
+) -> None:
+    """kill -9 / SIGSTOP of rank 1 on node2 after step 3: the job step ends within the bound,
+    the job requeues itself (run.max_restarts), resumes from the newest intact checkpoint and
+    ends with the uninterrupted run's per-step losses."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *_overrides(run_dir, shards),
+        "run.checkpoint_every_steps=2",
+        "run.max_restarts=2",
+        f"run.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
+    ]
+    cmd = [
+        "sbatch", "--parsable", "--wait", *TWO_NODES, f"--output={tmp_path}/%x-%j.out",
+        LAUNCH / "train.sbatch", CONFIG, *overrides,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=tmp_path,
+        env=slurm_cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        job = int(proc.stdout.readline().strip())
+        log = _job_log(tmp_path, job)
+        _wait_for(log, r"\[rank 1\]: epoch 1 step 3/", proc, timeout=600)
+        os.kill(_rank_pid(job, 1), sig)
+        start = time.monotonic()
+        _wait_for(log, r"training failed with exit code \d+: restart 1 of 2", proc, timeout=180)
+        ended_s = time.monotonic() - start
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            slurm_cluster.run("scancel", str(job), check=False)
+    text = log.read_text()
+    print(f"{signal.Signals(sig).name}: the job step ended {ended_s:.1f} s after the signal")
+    assert proc.returncode == 0, f"{out}\n{err}\n{text}"
+    low = COLLECTIVE_TIMEOUT_S - 1 if sig == signal.SIGSTOP else 0
+    high = LOST_RANK_BOUND_S + (COLLECTIVE_TIMEOUT_S if sig == signal.SIGSTOP else 0)
+    assert low <= ended_s < high, text
+    assert "[rank 0]: another rank is gone or hung at step" in text, text
+    assert f"job {job} 'cmkd-train' attempt 2 on" in text, text
+    assert re.search(r"\[rank 0\]: resumed from (step-00000[24]|epoch-001): epoch", text), text
+    assert f"training done: step {TOTAL_STEPS}" in text
+    failures = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [f["source"] for f in failures if f["source"] == "launcher"] == ["launcher"]
+    want, got = _losses(reference_run.dir), _losses(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, TOTAL_STEPS + 1))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
