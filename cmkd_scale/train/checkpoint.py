@@ -235,7 +235,7 @@ class CheckpointManager:
         pointer = self.ckpt_dir / "latest"
         return pointer.read_text().strip() or None if pointer.is_file() else None
 
-    def _check_space(self, tag: str) -> None:
+    def _check_space(self, tag: str, *, what: str = "") -> None:
         """All ranks: stop before writing ``tag`` when it cannot fit (rank 0 decides)."""
         verdict: str | None = None
         need = int(self.checkpoint_bytes * 1.02) + _SPACE_MARGIN
@@ -245,7 +245,8 @@ class CheckpointManager:
                 how = "measured" if self.measured else "estimated from the parameter count"
                 last = self._latest_pointer()
                 verdict = (
-                    f"checkpoint {tag}: not written: it needs about {human(need)} ({how}), "
+                    f"{what or f'checkpoint {tag}: not written'}: it needs about {human(need)} "
+                    f"({how}), "
                     f"{human(free)} are free on the filesystem of {self.ckpt_dir}. "
                     "Free some space (or point run.dir elsewhere) and rerun: the run resumes "
                     f"from {last or 'the start (no complete checkpoint yet)'}"
@@ -312,6 +313,10 @@ class CheckpointManager:
                 _atomic_write_text(self.ckpt_dir / "latest", chosen)
             if chosen is None and listing["ordered"]:
                 log.warning("no intact checkpoint is left in %s: starting over", self.ckpt_dir)
+        if chosen is not None:  # no point training steps whose checkpoint cannot be written
+            self._check_space(
+                "next", what="not resuming: the next checkpoint would not fit on the disk"
+            )
         dist.barrier()
         return chosen
 

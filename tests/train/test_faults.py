@@ -346,10 +346,10 @@ def test_a_full_disk_is_one_message_then_the_run_resumes(
 ) -> None:
     from cmkd_scale.train.restarts import EXIT_NO_SPACE
 
-    mnt, resize = small_fs
-    run_dir = mnt / "run"
+    run_dir, resize = small_fs  # the ranks' logs go beside it, not onto it
+    logs_of = [run_dir.parent / f"{run_dir.name}-rank{r}.log" for r in (0, 1)]
     codes = wait_all(srun_like(run_dir, data, *COMMON))
-    logs = [(mnt / f"run-rank{r}.log").read_text() for r in (0, 1)]
+    logs = [log.read_text() for log in logs_of]
     assert codes == [EXIT_NO_SPACE, EXIT_NO_SPACE], logs[0][-4000:]
     # the free-space check before a checkpoint, or a write that failed (the export of the
     # epoch, when the checkpoint still fitted): one message, the same on both ranks
@@ -367,9 +367,18 @@ def test_a_full_disk_is_one_message_then_the_run_resumes(
     assert (ckpts / (ckpts / "latest").read_text()).is_dir()
     assert not list((run_dir / "models").glob(".*.tmp"))
 
+    # started again on the full disk (a requeue): it stops at once, before training a step
+    for log in logs_of:
+        log.write_text("")
+    codes = wait_all(srun_like(run_dir, data, *COMMON))
+    text = logs_of[0].read_text()
+    assert codes == [EXIT_NO_SPACE, EXIT_NO_SPACE], text[-4000:]
+    assert "not resuming: the next checkpoint would not fit on the disk" in text, text[-4000:]
+    assert not re.search(r"epoch \d+ step \d+/\d+ loss", text), text[-4000:]  # no step taken
+
     resize("64m")
     codes = wait_all(srun_like(run_dir, data, *COMMON))
-    assert codes == [0, 0], (mnt / "run-rank0.log").read_text()[-4000:]
+    assert codes == [0, 0], logs_of[0].read_text()[-4000:]
     _assert_same_losses(run_dir, reference)
 
 
