@@ -403,3 +403,25 @@ def test_torch_save_on_a_full_disk_says_so(tmp_path: Path) -> None:
     text = str(caught.value)
     assert text.startswith(f"export: writing {mnt / 'x.pt'} failed (no space left on device")
     assert "it needs about 8.0 MB" in text and f"free on the filesystem of {mnt}" in text
+
+
+def test_the_tracking_journal_on_a_full_disk_says_so(tmp_path: Path) -> None:
+    """MLflow's local journal (every metric goes through it) on a full disk: one message."""
+    from cmkd_scale.diskspace import StorageError
+    from cmkd_scale.tracking.journal import Journal
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        journal = Journal(mnt)
+        with pytest.raises(StorageError) as caught:
+            for step in range(100_000):
+                journal.write("metrics", step=step, values={"loss": 0.5, "pad": "x" * 200})
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    text = str(caught.value)
+    assert text.startswith(f"tracking journal: writing {journal.path} failed (no space left")
+    assert "it needs about" in text and "free on the filesystem of" in text
