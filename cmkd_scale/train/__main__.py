@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(cfg, early_signals=_EARLY_SIGNALS)
         code = trainer.train()
         if code == EXIT_REQUEUE:
+            restarts.mark_preempted(Path(cfg.run.dir), is_main=trainer.is_main)
             status = "KILLED"
             note = f"preempted at step {trainer.state.global_step}; requeue resumes it"
         else:

@@ -212,6 +212,24 @@ def exit_code_for(exc: Exception, run_dir: Path, *, step: int) -> int:
     raise exc
 
 
+PREEMPTED = "preempted"  # "<job> <attempt>" of the last attempt that checkpointed for a requeue
+
+
+def mark_preempted(run_dir: Path, *, is_main: bool) -> None:
+    """Rank 0, once every rank has saved the preemption checkpoint: say so for the launcher.
+
+    ``srun --kill-on-bad-exit`` ends the others as soon as one rank exits 85, so srun's own
+    exit code may be another rank's 143; train.sbatch reads this file instead.
+    """
+    if not is_main:
+        return
+    info = attempt_info()
+    try:
+        (run_dir / PREEMPTED).write_text(f"{info['job']} {info['attempt']}\n")
+    except OSError as exc:
+        log.warning("cannot write %s: %s", run_dir / PREEMPTED, exc)
+
+
 def exit_now(code: int) -> None:
     """Flush the logs and leave at once (no interpreter shutdown: threads of DALI and of a
     broken process group can hold it for seconds)."""
