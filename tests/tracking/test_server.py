@@ -147,7 +147,10 @@ def test_real_trainer_two_ranks_logs_to_the_server(
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "deepspeed.json", "eval", "plots", "checkpoint", "data"} <= names
     exported = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
-    assert exported in (["checkpoint/best.pt"], ["checkpoint/final.pt"])
+    # no data.val: nothing is chosen; debug_cpu's wa range 1..2 makes the average the report
+    assert exported == ["checkpoint/wa.pt"]
+    assert [m.step for m in client.get_metric_history(run_id, "report/mAP")] == [4]
+    assert tags["report.model"] == "wa" and tags["report.checkpoint"] == "models/wa.pt"
     table = client.download_artifacts(run_id, "eval/eval_class_ap_epoch002_step4.csv", tmp_path)
     rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
     assert len(rows) == 527 and "Speech" in {r["display_name"] for r in rows}

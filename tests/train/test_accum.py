@@ -3,8 +3,9 @@
 
 - grad_accum=2 against grad_accum=1 with twice the micro batch: the same optimizer steps,
   learning rates and clips per step, and the same student after each step.
-- run.eval_every_steps with a preemption between two step evaluations: every evaluation once,
-  best.pt following the best one.
+- run.eval_every_steps on a val set with a preemption between two step evaluations: every
+  evaluation once, best.pt following the best one on val across the resume, the eval set
+  absent until the resume and then read once, for best.pt's report.
 
 Launchers, the `data` shard fixture and the small readers come from tests/fixtures/train.py.
 """
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cmkd_scale.config import ConfigError, load_config
 from cmkd_scale.dist import EXIT_REQUEUE
-from tests.fixtures.train import jsonl, srun_like, torchrun, wait_all
+from tests.fixtures.train import jsonl, run_cmd, srun_like, torchrun, wait_all
 
 WORLD = 2
 STEPS_PER_EPOCH = 4  # optimizer steps: 32 clips / (2 ranks x 4 clips per optimizer step)
@@ -134,6 +137,28 @@ def test_grad_accum_update_equals_the_one_of_twice_the_micro_batch(accum_runs: d
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
 
 
+@pytest.mark.slow
+def test_folds_command_on_two_real_runs(accum_runs: dict, tmp_path: Path) -> None:
+    """``evaluate folds`` on real runs' records (both runs as two "folds": no val, so their
+    per-epoch evaluations are on the eval set, monitoring only)."""
+    runs = [accum_runs["accum"], accum_runs["big_batch"]]
+    cmd = [sys.executable, "-m", "cmkd_scale.evaluate", "folds", *map(str, runs)]
+    cmd += ["--metric", "mAP", "--out", str(tmp_path)]
+    proc = run_cmd(cmd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "folds_summary.json").read_text())
+    per_run = [
+        [json.loads((r / "eval" / f"epoch-00{e}_summary.json").read_text())["mAP"] for e in (1, 2)]
+        for r in runs
+    ]
+    means = np.mean(per_run, axis=0)
+    best = int(np.argmax(means)) + 1
+    assert summary["best"]["epoch"] == best and summary["last"]["epoch"] == 2
+    assert summary["best"]["mean"] == pytest.approx(means[best - 1])
+    assert summary["last"]["std"] == pytest.approx(np.std([r[1] for r in per_run], ddof=1))
+    assert f"best epoch {best}: mAP {means[best - 1]:.4f}" in proc.stdout
+
+
 def test_skipping_nonfinite_batches_is_refused_with_grad_accum() -> None:
     """A skipped micro-batch would shift every later accumulation boundary: refused up front."""
     from cmkd_scale.train.trainer import Trainer
@@ -170,9 +195,9 @@ EVALUATIONS = [
 
 
 def _evals(run_dir: Path) -> list[tuple[int, str, float]]:
-    return [
-        (r["step"], r["eval"], r["mAP"]) for r in jsonl(run_dir / "metrics.jsonl") if "eval" in r
-    ]
+    """The evaluations during training (on data.val), in order."""
+    records = jsonl(run_dir / "metrics.jsonl")
+    return [(r["step"], r["eval"], r["mAP"]) for r in records if r.get("split") == "val"]
 
 
 def _best_so_far(evals: list[tuple[int, str, float]]) -> str:
@@ -190,9 +215,15 @@ def _source(export: Path) -> str:
 
 @pytest.fixture(scope="module")
 def step_eval_run(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """SIGUSR1 to rank 1 after step 6's evaluation (stops at 7 or 8), then the resumed run."""
+    """SIGUSR1 to rank 1 after step 6's evaluation (stops at 7 or 8), then the resumed run.
+
+    The evaluations choose on a val set (the eval shards under another name); data.eval names
+    a folder that appears only after the first process stopped: training never reads it.
+    """
     run_dir = tmp_path_factory.mktemp("step_eval") / "run"
-    procs = srun_like(run_dir, data, *STEP_EVAL)
+    eval_later = run_dir.parent / "eval_later"
+    args = (*STEP_EVAL, f"data.val={data['eval']}", f"data.eval={eval_later}")
+    procs = srun_like(run_dir, data, *args)
     samples = run_dir / "samples" / "rank1.jsonl"
     deadline = time.monotonic() + 300
     # micro-batch 13 opens optimizer step 7: step 6 and its evaluation are done
@@ -207,7 +238,8 @@ def step_eval_run(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         "stopped": max(r["step"] for r in _steps(run_dir)),
         "best": _source(run_dir / "models" / "best.pt"),
     }
-    second_codes = wait_all(srun_like(run_dir, data, *STEP_EVAL))
+    eval_later.symlink_to(data["eval"], target_is_directory=True)
+    second_codes = wait_all(srun_like(run_dir, data, *args))
     return {"run_dir": run_dir, "codes": (first_codes, second_codes), "before": before}
 
 
@@ -227,21 +259,25 @@ def test_step_evaluations_survive_a_stop_between_two_of_them(step_eval_run: dict
     names = {
         p.name.removesuffix("_summary.json") for p in (run_dir / "eval").glob("*_summary.json")
     }
-    assert names == {tag for _, tag in EVALUATIONS} | {"teacher"}
+    assert names == {f"val_{tag}" for _, tag in EVALUATIONS} | {"val_teacher", "report"}
     for _, tag in EVALUATIONS:
         for suffix in ("_class_ap.csv", "_predictions.npz"):
-            assert (run_dir / "eval" / f"{tag}{suffix}").is_file(), tag + suffix
-    # step 12's two names score the same weights: one pass over the eval set, the same numbers
+            assert (run_dir / "eval" / f"val_{tag}{suffix}").is_file(), tag + suffix
+    # step 12's two names score the same weights: one pass over the val set, the same numbers
     by_tag = {
-        tag: json.loads((run_dir / "eval" / f"{tag}_summary.json").read_text())
+        tag: json.loads((run_dir / "eval" / f"val_{tag}_summary.json").read_text())
         for tag in ("step-000012", "epoch-003")
     }
     assert by_tag["step-000012"] == by_tag["epoch-003"]
     rank0_log = (run_dir.parent / "run-rank0.log").read_text()
-    # 4 student evaluations (steps 4, 6, 8, 12) + the teacher once: the resumed process
-    # reads the teacher's saved predictions instead of another pass
-    assert rank0_log.count("eval forward:") == 4 + 1
+    # 4 student evaluations on val (steps 4, 6, 8, 12) + the teacher once: the resumed
+    # process reads the teacher's saved predictions instead of another pass; + the report
+    assert rank0_log.count("eval forward:") == 4 + 1 + 1
     assert "saved by an earlier process of this run" in rank0_log
+    # the first process trained without the eval set existing; the second read it at the end
+    assert "does not exist (yet): it is read only for the report" in rank0_log
+    assert rank0_log.count("report: reading the eval set now") == 1
+    assert rank0_log.rindex("val epoch-003") < rank0_log.index("report: reading the eval set")
 
 
 @pytest.mark.slow
@@ -254,5 +290,14 @@ def test_best_model_follows_the_best_step_evaluation(step_eval_run: dict) -> Non
     state = torch.load(
         run_dir / "checkpoints" / best / "trainer-rank0.pt", map_location="cpu", weights_only=False
     )
-    assert state["best_tag"] == best
-    assert state["best_map"] == pytest.approx(max(m for _, _, m in _evals(run_dir)))
+    assert state["best_tag"] == best and state["best_metric"] == "mAP"
+    assert state["best_score"] == pytest.approx(max(m for _, _, m in _evals(run_dir)))
+    # the report: best.pt, chosen on val, scored once on the eval set after training
+    report = json.loads((run_dir / "eval" / "report_summary.json").read_text())
+    chosen = json.loads((run_dir / "eval" / f"val_{best}_summary.json").read_text())
+    assert (report["model"], report["checkpoint"]) == ("best", "models/best.pt")
+    assert (report["selected_on"], report["select_metric"]) == ("val", "mAP")
+    assert report["step"] == dict((t, s) for s, t in EVALUATIONS)[best]
+    assert report["val"] == chosen
+    kinds = [r.get("eval") for r in jsonl(run_dir / "metrics.jsonl") if "loss" not in r]
+    assert kinds[-1] == "report" and kinds.count("report") == 1
