@@ -39,7 +39,13 @@ from typing import Any, Literal
 
 import yaml
 
-from cmkd_scale.config import ConfigError, _coerce, _set_dotted, parse_overrides
+from cmkd_scale.config import (
+    ConfigError,
+    _coerce,
+    _set_dotted,
+    parse_overrides,
+    read_yaml_mapping,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -206,14 +212,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read a study YAML and apply ``key.sub=value`` overrides (``cnn.model.name=x`` too)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study config {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"study config {path} is not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ConfigError(f"study config {path}: the top level must be a mapping")
+    tree = read_yaml_mapping(path, "study config")
     for key, value in parse_overrides(overrides or []):
         section = key.split(".", 1)[0]
         if section in ("train", "cnn", "ast", "distill", "teacher") and "." in key:
