@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -72,6 +73,18 @@ def _first_slurm_host(nodelist: str) -> str:
     return hosts[0]
 
 
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, chosen by the OS.
+
+    A port derived from the pid could be one the OS had handed out as the ephemeral end of
+    another connection (the ephemeral range starts at 32768), and the store then fails with
+    EADDRINUSE; the OS never returns a port in use.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def slurm_master_port(job_id: str) -> int:
     """A port derived from the job id, so concurrent jobs on one node do not collide."""
     digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
@@ -103,7 +116,8 @@ def resolve_dist_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
     else:
         launcher, rank, world, local_rank = "single", 0, 1, 0
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_PORT_BASE + os.getpid() % _PORT_SPAN))
+        if "MASTER_PORT" not in env:
+            env["MASTER_PORT"] = str(free_local_port())
 
     if world < 1 or not 0 <= rank < world:
         raise DistEnvError(f"rank {rank} is outside world size {world}; check the launcher")

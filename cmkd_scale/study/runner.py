@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmkd_scale.dist import free_local_port
 from cmkd_scale.study.config import ROOT
 from cmkd_scale.study.plan import Training
 from cmkd_scale.study.results import is_done, write_note
@@ -41,19 +41,13 @@ class Job:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_command(recipe: Path, items: list[str], nproc: int) -> list[str]:
     train = ["-m", "cmkd_scale.train", "--config", str(recipe), *items]
     if nproc <= 1:
         return [sys.executable, *train]
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *train,
+        "--master_addr", "127.0.0.1", "--master_port", str(free_local_port()), *train,
     ]  # fmt: skip
 
 

@@ -23,7 +23,12 @@ from cmkd_scale.distill.teacher import (
     build_teacher,
 )
 from cmkd_scale.models.exported import Export
-from tests.models.test_load import ReferenceEffNetAttention, randomize, save_data_parallel
+from tests.models.test_load import (
+    ReferenceEffNetAttention,
+    calibrate_batchnorm,
+    randomize,
+    save_data_parallel,
+)
 
 AST_NORM = (-4.2677393, 4.5689974)  # the student's (AST's AudioSet stats)
 PSLA_NORM = (-4.6476, 4.5699)  # PSLA egs/audioset/run.sh
@@ -60,6 +65,7 @@ def _reference_input(fbank: torch.Tensor, frames: int, mean: float, std: float) 
 def psla_checkpoint(tmp_path_factory):
     ref = ReferenceEffNetAttention(label_dim=6, b=0, cla_activation="linear").eval()
     randomize(ref, seed=7)
+    calibrate_batchnorm(ref, frames=144, seed=7)  # logits that depend on the input
     path = tmp_path_factory.mktemp("psla") / "psla_b0.pth"
     save_data_parallel(ref, path)  # a released PSLA .pth: weights only, no settings
     return ref, path
