@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
 import time
@@ -30,19 +29,11 @@ from cmkd_scale.config import Config, ConfigError
 from cmkd_scale.diskspace import StorageError
 from cmkd_scale.dist import EXIT_REQUEUE
 from cmkd_scale.models.exported import copy_export, epoch_tag
-from cmkd_scale.train import engine
+from cmkd_scale.train import engine, run_end
 from cmkd_scale.train.checkpoint import CheckpointManager, TrainerState, capture_rng, step_tag
 from cmkd_scale.train.evaluator import TrainEvaluator
+from cmkd_scale.train.loaders import open_loaders
 from cmkd_scale.train.nonfinite import handle_nonfinite
-from cmkd_scale.train.report import NAME as REPORT
-from cmkd_scale.train.report import SUMMARY as REPORT_SUMMARY
-from cmkd_scale.train.report import (
-    Choice,
-    previous_report,
-    reported_model,
-    summary_dict,
-    weight_average,
-)
 from cmkd_scale.train.run_files import open_tracker, warn_config_changes, write_run_files
 from cmkd_scale.train.scale import ScalePlan, resolve_scale, world_size_from_env
 from cmkd_scale.train.step import Agreement, EpochEnd
@@ -51,7 +42,6 @@ from cmkd_scale.train.step_metrics import JsonlLog, StepMeter, StepReporter
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the data package loads DALI; the trainer imports it lazily
-    from cmkd_scale.data import EvalLoader
     from cmkd_scale.data.loader import Batch
 
 
@@ -75,7 +65,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, early_signals: Sequence[int] = ()) -> None:
         """Build everything; ``early_signals``: preemption signals seen before this ran."""
-        from cmkd_scale.data import TrainLoader
         from cmkd_scale.distill.loss import DistillLoss
         from cmkd_scale.distill.teacher import build_teacher
         from cmkd_scale.models import build_model, load_pretrained
@@ -109,27 +98,14 @@ class Trainer:
             torch.get_num_threads(),
         )
 
-        loader_device = "gpu" if self.device.type == "cuda" else "cpu"
         ds, plan = cfg.deepspeed, self.plan
         if self.is_main:
             log.info("batch: %s", plan.describe())
             if plan.warning(cfg.optim):
                 log.warning("%s", plan.warning(cfg.optim))
-        self.train_loader = TrainLoader(
-            cfg.data,
-            micro_batch=plan.micro_batch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            seed=cfg.run.seed,
-            device=loader_device,
-        )
-        self.num_classes = self.train_loader.num_classes
-        # With a val set, training evaluates on it and the eval set is opened only for the
-        # report at the end (_report_loader); without one, the eval set gives monitoring curves.
-        self.val_loader = self._eval_loader("val") if cfg.data.val else None
-        self.eval_loader = None if cfg.data.val else self._eval_loader("eval")
-        if cfg.data.val:
-            self._warn_if_eval_absent()
+        self.loaders = open_loaders(cfg, plan, self.env, on_gpu=self.device.type == "cuda")
+        self.train_loader = self.loaders.train
+        self.num_classes = self.loaders.num_classes
         self.class_names = list(self.train_loader.class_names)
         # Whole optimizer steps per epoch; a tail of < grad_accum micro-batches is dropped.
         self.steps_per_epoch = self.train_loader.steps_per_epoch // plan.grad_accum
@@ -213,7 +189,7 @@ class Trainer:
             else None
         )
         self.evaluator = TrainEvaluator(
-            self.val_loader or self.eval_loader,
+            self.loaders.val or self.loaders.eval,
             split="val" if cfg.data.val else "eval",
             device=self.device,
             out_dir=self.run_dir / "eval",
@@ -226,36 +202,6 @@ class Trainer:
         self.report: dict[str, Any] | None = None  # report_summary.json, once written
 
     # ------------------------------------------------------------------ setup helpers
-
-    def _eval_loader(self, split: str) -> EvalLoader:
-        """An EvalLoader on ``data.<split>`` (``val`` or ``eval``), checked against train."""
-        from cmkd_scale.data import EvalLoader
-
-        loader = EvalLoader(
-            self.cfg.data,
-            micro_batch=self.cfg.deepspeed.eval_batch or self.plan.micro_batch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            device="gpu" if self.device.type == "cuda" else "cpu",
-            url=getattr(self.cfg.data, split),
-        )
-        if loader.num_classes != self.num_classes:
-            loader.close()
-            raise ValueError(
-                f"data.train has {self.num_classes} classes but data.{split} has "
-                f"{loader.num_classes}: prep every split with the same class index"
-            )
-        return loader
-
-    def _warn_if_eval_absent(self) -> None:
-        """data.eval is read only at the end: say now when a local one is not there (yet)."""
-        where = self.cfg.data.eval
-        if self.is_main and "://" not in where and not os.path.exists(where):
-            log.warning(
-                "data.eval %s does not exist (yet): it is read only for the report at the end "
-                "of training, and must be there by then",
-                where,
-            )
 
     def _check_selection(self) -> None:
         """A resumed run keeps its best-on-val choice, unless the way of choosing changed."""
@@ -395,7 +341,7 @@ class Trainer:
             name = step_tag(step)
             if self._evaluate(name):
                 self._save(name)
-                self._export(name, "best.pt")
+                self.export(name, "best.pt")
         if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
             self._save(step_tag(step))
 
@@ -432,7 +378,7 @@ class Trainer:
         self.ckpt.save(self.engine, tag, self.state)
         self._last_saved_step = self.state.global_step
 
-    def _export(self, tag: str, filename: str) -> Path:
+    def export(self, tag: str, filename: str) -> Path:
         """Rank 0 writes ``models/<filename>`` from checkpoint ``tag``; all ranks wait."""
         dest = self.ckpt.models_dir / filename
         failed: str | None = None
@@ -460,7 +406,7 @@ class Trainer:
         state.epoch += 1
         state.batch_in_epoch = 0
         self._save(tag)
-        exported = self._export(tag, f"{tag}.pt")
+        exported = self.export(tag, f"{tag}.pt")
         if improved and self.is_main:
             copy_export(exported, self.ckpt.models_dir / "best.pt")
         dist.barrier()
@@ -470,7 +416,7 @@ class Trainer:
         tag = self.resumed_from
         if tag and tag.startswith("epoch-") and not (self.ckpt.models_dir / f"{tag}.pt").is_file():
             log.warning("export of %s missing: exporting it now", tag)
-            self._export(tag, f"{tag}.pt")
+            self.export(tag, f"{tag}.pt")
 
     def _agree_stop(self) -> bool:
         flag = torch.tensor([float(self.stop_requested)], device=self.device)
@@ -484,12 +430,12 @@ class Trainer:
             improved = self._evaluate(tag)
             self._save(tag)
             if improved:
-                self._export(tag, "best.pt")
+                self.export(tag, "best.pt")
         tag = self.ckpt.latest_tag()
         assert tag is not None
-        final = self._export(tag, "final.pt")
-        choice = self._choose(final)
-        self.report = self._report(choice)
+        final = self.export(tag, "final.pt")
+        choice = run_end.choose(self, final)
+        self.report = run_end.write_report(self, choice)
         if self.is_main:
             self.tracker.log_checkpoint(choice.export)
             self.tracker.log_model(choice.export, register=self.cfg.tracking.register)
@@ -502,133 +448,8 @@ class Trainer:
             self.report["acc"],
         )
 
-    def _choose(self, final: Path) -> Choice:
-        """The model the run reports: best on val, else the weight average, else final."""
-        state, cfg = self.state, self.cfg
-        models = self.ckpt.models_dir
-        last_epoch = state.epoch - 1 if state.batch_in_epoch == 0 else state.epoch
-        final_choice = Choice("final", final, epoch=last_epoch, step=state.global_step)
-        if cfg.data.val:
-            if not state.best_tag:
-                log.warning("no evaluation on data.val chose a model: reporting the final model")
-                return final_choice
-            self._heal_best_export()
-            return Choice(
-                "best",
-                models / "best.pt",
-                epoch=state.best_epoch,
-                step=state.best_step,
-                val=dict(state.best_summary),
-                select_metric=state.best_metric,
-            )
-        start, end = cfg.eval.wa_start_epoch, cfg.eval.wa_end_epoch
-        wanted = reported_model(cfg)
-        log.info(
-            "no data.val: no model is chosen on the eval set, so models/best.pt is not written; "
-            "the run reports %s",
-            f"the weight average of epochs {start}..{end} (models/wa.pt)"
-            if wanted == "wa"
-            else "the final model (models/final.pt)",
-        )
-        if wanted == "wa":
-            averaged = weight_average(self.run_dir, start, end) if self.is_main else None
-            if dist.broadcast_object(averaged is not None):  # also: wa.pt is on disk now
-                step = min(end * self.steps_per_epoch, state.global_step)
-                return Choice("wa", models / "wa.pt", epoch=None, step=step)
-            log.warning("reporting the final model instead of the weight average")
-        return final_choice
-
-    def _heal_best_export(self) -> None:
-        """best.pt must be the chosen checkpoint's student (a crash can fall between them)."""
-        from cmkd_scale.models.exported import Export
-
-        best, tag = self.ckpt.models_dir / "best.pt", self.state.best_tag
-        stale = False
-        if self.is_main:
-            stale = not best.is_file() or Export.load(best).source_checkpoint != tag
-        if dist.broadcast_object(stale):
-            log.warning("models/best.pt is not %s's student: writing it again", tag)
-            epoch_export = self.ckpt.models_dir / f"{tag}.pt"  # its checkpoint may be pruned
-            if tag.startswith("epoch-") and epoch_export.is_file():
-                if self.is_main:
-                    copy_export(epoch_export, best)
-                dist.barrier()
-            else:
-                self._export(tag, "best.pt")
-
-    def _report_loader(self) -> EvalLoader:
-        """The eval set's loader: built only now when training evaluated on data.val."""
-        if self.eval_loader is None:
-            log.info("report: reading the eval set now (data.eval=%s)", self.cfg.data.eval)
-            self.eval_loader = self._eval_loader("eval")
-        return self.eval_loader
-
-    def _report(self, choice: Choice) -> dict[str, Any]:
-        """Score the reported model on the eval set, once; write eval/report_*."""
-        from cmkd_scale.evaluate.scoring import evaluate, save_result
-        from cmkd_scale.models.exported import Export
-
-        state, out_dir = self.state, self.run_dir / "eval"
-        saved = previous_report(out_dir, choice, self.run_dir) if self.is_main else None
-        saved = dist.broadcast_object(saved)
-        if saved is not None:
-            log.info(
-                "report of %s already written by an earlier process of this run: the eval set "
-                "is not scored again",
-                saved["checkpoint"],
-            )
-            return saved  # type: ignore[return-value]
-        loader = self._report_loader()
-        result = None
-        if choice.model == "final" and self.evaluator.split == "eval":
-            result = self.evaluator.latest(state.global_step)  # these weights, scored just now
-        if result is None:
-            model = Export.load(choice.export).model(self.device)
-
-            def forward(fbank: torch.Tensor) -> torch.Tensor:
-                return torch.sigmoid(model(fbank).float())
-
-            result = evaluate(forward, loader, device=self.device)
-            del model
-        report = summary_dict(choice, self.run_dir, result.summary)
-        epoch = choice.epoch or self.cfg.eval.wa_end_epoch or state.epoch
-        if self.is_main:
-            save_result(result, out_dir, REPORT, self.class_names)
-            tmp = out_dir / f".{REPORT_SUMMARY}.tmp"
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(tmp, out_dir / REPORT_SUMMARY)
-            self.tracker.log_eval(
-                result, step=state.global_step, epoch=epoch, class_names=self.class_names,
-                prefix=REPORT,
-            )  # fmt: skip
-            self.tracker.set_tags(
-                {
-                    "report.model": choice.model,
-                    "report.checkpoint": report["checkpoint"],
-                    "report.selected_on": report["selected_on"] or "",
-                }
-            )
-            self.tracker.log_artifact(out_dir / REPORT_SUMMARY, "eval")
-        self.metrics_log.write(
-            {"step": state.global_step, "eval": REPORT, "split": "eval", "model": choice.model,
-             **result.summary}
-        )  # fmt: skip
-        log.info(
-            "report: %s (%s) on the eval set: mAP %.4f mAUC %.4f d' %.3f acc %.4f",
-            choice.model,
-            report["checkpoint"],
-            report["mAP"],
-            report["mAUC"],
-            report["dprime"],
-            report["acc"],
-        )
-        return report
-
     def close(self, status: str, note: str = "") -> None:
         """Finish the tracker run, release the DALI pipelines and the process group."""
         self.tracker.finish(status, note)
-        self.train_loader.close()
-        for loader in (self.val_loader, self.eval_loader):
-            if loader is not None:
-                loader.close()
+        self.loaders.close()
         dist.destroy()
