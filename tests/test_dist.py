@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -91,3 +93,33 @@ def test_srun_tasks_on_two_nodes_get_ranks_and_a_master(slurm_cluster: SlurmClus
     hosts = slurm_cluster.run("scontrol", "show", "hostnames", "node[1-2]").stdout.split()
     expected_port = slurm_master_port(rows[0]["job"])
     assert {(r["addr"], r["port"]) for r in rows} == {(hosts[0], expected_port)}
+
+
+def test_a_single_process_run_binds_no_port(tmp_path) -> None:
+    """Runs started side by side cannot collide: one process makes its group on no port.
+
+    MASTER_PORT points at a port another socket already listens on (what a released free
+    port becomes when another process's connection takes it); the group still comes up.
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = (
+            "import os, torch\n"
+            "from cmkd_scale.dist import resolve_dist_env\n"
+            "from cmkd_scale.train.engine import init_distributed\n"
+            "init_distributed(resolve_dist_env(), collective_timeout_s=60)\n"
+            "t = torch.ones(2); torch.distributed.all_reduce(t)\n"
+            "print('world', torch.distributed.get_world_size(), t.tolist())\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+        env["MASTER_PORT"] = str(port)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 1 [1.0, 1.0]" in proc.stdout
+
+
+_RANK_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR"}

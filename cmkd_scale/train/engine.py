@@ -99,7 +99,14 @@ def init_distributed(dist_env: dist.DistEnv, *, collective_timeout_s: float = 18
     timeout = datetime.timedelta(seconds=max(collective_timeout_s, _SETUP_TIMEOUT_S))
     _set_default_timeout(timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt is not None:
+    if dist_env.world_size == 1:
+        # One process needs no rendezvous: an in-memory store listens on no port, so runs
+        # started side by side cannot collide on one (a port chosen free and then released
+        # can be taken by another process's connection before the store binds it).
+        torch.distributed.init_process_group(
+            backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt is not None:
         # torchrun serves one store for all its restarts and env:// uses it without a prefix:
         # a restarted rank could read the gloo address a dead rank of the attempt before left
         # there and hang connecting to it. A store prefix per attempt keeps them apart;
@@ -246,11 +253,33 @@ def weights_only_loads() -> Iterator[None]:
             torch.load = real_load
 
 
-def global_grad_norm(engine: Any) -> float:
-    """Pre-clip global gradient norm of the last optimizer step (NaN when unknown)."""
+def step(engine: Any) -> float | None:
+    """``engine.step()``; returns the pre-clip gradient norm where DeepSpeed keeps none.
+
+    DeepSpeed's ZeRO and bf16/fp16 optimizers record the global norm; without ZeRO in fp32 the
+    engine clips with a norm it discards, so it is computed here first (at the accumulation
+    boundary the gradients are already all-reduced: every rank holds the global ones).
+    """
+    norm = None
+    if (
+        engine.is_gradient_accumulation_boundary()
+        and not engine.zero_optimization()
+        and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+    ):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+    return norm
+
+
+def global_grad_norm(engine: Any, fallback: float | None = None) -> float:
+    """Pre-clip global gradient norm of the last optimizer step (NaN when unknown).
+
+    ``fallback``: the norm :func:`step` returned, for the engines that keep none.
+    """
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return float("nan")
+        return float("nan") if fallback is None else fallback
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 

@@ -200,6 +200,7 @@ class Trainer:
         )
         self._last_saved_step = self.state.global_step if latest else -1
         self.report: dict[str, Any] | None = None  # report_summary.json, once written
+        self._grad_norm: float | None = None  # the last step's, where DeepSpeed keeps none
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -311,7 +312,9 @@ class Trainer:
             )
             return None
         self.engine.backward(parts.total)
-        self.engine.step()
+        norm = engine.step(self.engine)
+        if norm is not None:
+            self._grad_norm = norm
         return agreed
 
     def _teacher_ms(self) -> float:
@@ -335,7 +338,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         step = state.global_step
         if step % cfg.run.log_every_steps == 0 or step == 1 or step == self.total_steps:
-            grad_norm = engine.global_grad_norm(self.engine)
+            grad_norm = engine.global_grad_norm(self.engine, self._grad_norm)
             self.reporter.report(meter, step=step, epoch=state.epoch, grad_norm=grad_norm)
         if cfg.run.eval_every_steps and step % cfg.run.eval_every_steps == 0:
             name = step_tag(step)

@@ -3,6 +3,7 @@
 
 - grad_accum=2 against grad_accum=1 with twice the micro batch: the same optimizer steps,
   learning rates and clips per step, and the same student after each step.
+- without ZeRO (stage 0, fp32) the reported gradient norm is the one ZeRO-2 reports.
 - run.eval_every_steps on a val set with a preemption between two step evaluations: every
   evaluation once, best.pt following the best one on val across the resume, the eval set
   absent until the resume and then read once, for best.pt's report.
@@ -117,6 +118,21 @@ def test_grad_accum_counts_optimizer_steps_and_their_samples(accum_runs: dict) -
         assert len(set(seen)) == 32
     # the very clips the one-big-batch run used for each optimizer step
     assert consumed == _keys_per_step(big, micro_per_step=1)
+
+
+@pytest.mark.slow
+def test_without_zero_the_gradient_norm_is_the_one_zero_reports(
+    accum_runs: dict, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """ZeRO stage 0 in fp32: DeepSpeed clips with a norm it discards; ours is reported."""
+    run_dir = tmp_path / "run"
+    torchrun(run_dir, data, *COMPARE, *ONE_BIG_BATCH, "deepspeed.zero_stage=0")
+    zero0, zero2 = _steps(run_dir), _steps(accum_runs["big_batch"])
+    assert len(zero0) == 2 * STEPS_PER_EPOCH
+    for a, b in zip(zero0, zero2, strict=True):
+        assert np.isfinite(a["grad_norm"]) and a["grad_norm"] > 0, a
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), a["step"]
 
 
 @pytest.mark.slow
