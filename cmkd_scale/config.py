@@ -86,6 +86,13 @@ class DataConfig:
     # of this many shards together (every window mixes several shards, whatever order they
     # were written in; reads stay within the group); 0 = a full per-epoch permutation
     shuffle_shards: int = 16
+    # augmentation views per training sample (0 = drawn afresh for every epoch position). With
+    # V > 0 each draw of a sample picks one of its V views, and a view's mixup partner, lambda
+    # and masks are fixed by (seed, sample, view): what a teacher cache (teacher.cache) stores
+    views: int = 0
+    # the seed of the views' augmentation draws, apart from run.seed: students of every seed
+    # see the same V views of a sample, so one teacher cache serves them all
+    view_seed: int = 0
     num_threads: int = 4
     prefetch: int = 2
     corrupt_policy: Literal["error", "skip"] = "error"
@@ -97,6 +104,7 @@ class DataConfig:
         _check(0.0 <= self.mixup <= 1.0, "data.mixup", "is a probability in [0, 1]")
         _check(self.freqm >= 0 and self.timem >= 0, "data.freqm/timem", "must be >= 0")
         _check(self.shuffle_shards >= 0, "data.shuffle_shards", "must be >= 0 (0 = full shuffle)")
+        _check(self.views >= 0, "data.views", "must be >= 0 (0 = no fixed views)")
 
 
 @dataclass(kw_only=True)
@@ -146,6 +154,9 @@ class TeacherConfig(ModelConfig):
     # which equals its own dataloader's only for clips of at most data.target_length frames:
     # true states that they are (AudioSet's 10 s clips: 998 frames); false refuses the teacher
     pad_input: bool = False
+    # a teacher cache (python -m cmkd_scale.teacher_cache): the teacher's logits of every
+    # (training sample, view) are read from it and the teacher is not built; "" = online
+    cache: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -38,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
         "tracking",
     },
     "serve": {"config", "logs", "prep", "data", "models"},
+    # python -m cmkd_scale.teacher_cache: the teacher over every (sample, view), once
+    "teacher_cache": {"config", "dist", "logs", "data", "models", "distill"},
     "study": {"config", "dist", "logs", "data", "models", "evaluate", "tracking", "demo.synth"},
     "demo": {"config", "logs", "prep", "study"},
     # thin entry points: python -m cmkd_scale.infer | export | features

@@ -43,6 +43,7 @@ class Batch:
     valid: torch.Tensor  # [B] bool (eval: False for padding rows of the last batch)
     mixed_with: list[str | None] = field(default_factory=list)  # mixup partner's key
     lam: torch.Tensor | None = None  # [B] float32 weight of the primary clip (train)
+    view: torch.Tensor | None = None  # [B] int64 the sample's view (train, data.views > 0)
 
 
 def resolve_device(device: str) -> str:
@@ -82,7 +83,9 @@ class TrainLoader:
         world_size: int,
         seed: int,
         device: str,
+        exact: bool = False,
     ) -> None:
+        """``exact``: never replace an unreadable sample (training from a teacher cache)."""
         check_mel_bins(cfg)
         self.cfg = cfg
         self.device = resolve_device(device)
@@ -109,6 +112,8 @@ class TrainLoader:
             augment=self.augment,
             weights=self.shards.weights() if cfg.balanced else None,
             shuffle_shards=cfg.shuffle_shards,
+            views=cfg.views,
+            view_seed=cfg.view_seed,
         )
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.reader = MemberReader(self.shards)
@@ -121,6 +126,7 @@ class TrainLoader:
             augment=True,
         )
         self.source = PlannedSource(cfg, self.shards, self.sampler, self.reader)
+        self.source.exact = exact
         self.epoch, self.step = 0, 0  # position: the next batch epoch_batches would yield
         self._runner: DaliRunner | None = None  # kept across epochs
         self._plans: Iterator[StepPlan] = iter(())
@@ -143,6 +149,8 @@ class TrainLoader:
             "micro_batch": self.sampler.micro_batch,
             "balanced": self.sampler.balanced,
             "num_samples": self.sampler.num_samples,
+            "views": self.sampler.views,
+            "view_seed": self.sampler.view_seed,
             "skipped": self.source.skipped,
             "bad": np.flatnonzero(self.source.bad).tolist(),
         }
@@ -150,11 +158,14 @@ class TrainLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position; refuse a state from a different sampling setup."""
         mine = self.state_dict()
-        for key in ("seed", "world_size", "micro_batch", "balanced", "num_samples"):
+        state = {"views": 0, "view_seed": 0, **state}  # states from before data.views
+        keys = ("seed", "world_size", "micro_batch", "balanced", "num_samples", "views")
+        for key in (*keys, "view_seed"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r} but this run has {mine[key]!r}: "
-                    "exact resume needs the same seed, world size, micro batch and shard set"
+                    "exact resume needs the same seed, world size, micro batch, views and "
+                    "shard set"
                 )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.source.skipped = int(state.get("skipped", 0))
@@ -222,6 +233,7 @@ class TrainLoader:
         keys = self.shards.table.keys
         primary = [int(p[0]) for p in pairs]
         partner = [int(p[1]) for p in pairs]
+        views = [int(p[2]) for p in pairs]
         return Batch(
             fbank=fbank,
             labels=labels.to(fbank.device),
@@ -230,6 +242,7 @@ class TrainLoader:
             valid=torch.ones(len(primary), dtype=torch.bool),
             mixed_with=[keys[p] if p >= 0 else None for p in partner],
             lam=torch.tensor(np.asarray(lam, dtype=np.float32).reshape(-1)),
+            view=torch.tensor(views, dtype=torch.int64) if self.sampler.views else None,
         )
 
     def step_inputs(self, plan: StepPlan) -> SourceBatch:

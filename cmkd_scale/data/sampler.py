@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 # Stream tags: keep the draws for different purposes independent of each other.
 _SHARD_ORDER, _WINDOW_SHUFFLE, _BALANCED, _AUGMENT, _REPLACE = 11, 12, 13, 14, 15
+_VIEW, _VIEW_AUGMENT = 16, 17
 
 
 def keyed_rng(*key: int) -> np.random.Generator:
@@ -106,6 +107,7 @@ class StepPlan:
     lam: np.ndarray  # float32 [B] weight of the primary clip (1.0 = not mixed)
     freq_mask: np.ndarray  # int64 [B, 2] (first bin, width)
     time_mask: np.ndarray  # int64 [B, 2] (first frame, width)
+    view: np.ndarray | None = None  # int64 [B] the sample's view (data.views > 0), else None
 
 
 class TrainSampler:
@@ -122,6 +124,8 @@ class TrainSampler:
         augment: AugmentSpec,
         weights: np.ndarray | None = None,
         shuffle_shards: int = 0,
+        views: int = 0,
+        view_seed: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -138,6 +142,10 @@ class TrainSampler:
         if shuffle_shards < 0:
             raise ValueError("shuffle_shards must be >= 0 (0 = a full permutation)")
         self.shuffle_shards = shuffle_shards
+        if views < 0:
+            raise ValueError("views must be >= 0 (0 = augmentation drawn per epoch position)")
+        self.views = views
+        self.view_seed = view_seed  # the views' augmentation: shared by runs of every seed
         self.steps_per_epoch = self.num_samples // (world_size * micro_batch)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -184,21 +192,60 @@ class TrainSampler:
     # ------------------------------------------------------------------ plans
 
     def plan(self, epoch: int, step: int) -> StepPlan:
-        """The samples and augmentation draws of (epoch, step) for this rank."""
+        """The samples and augmentation draws of (epoch, step) for this rank.
+
+        Without views, a sample's augmentation is drawn for its epoch position. With
+        ``views = V``, each position draws one of the sample's V views, and a view's
+        augmentation is a pure function of (view_seed, sample index, view): the same view of a
+        sample is augmented the same way in every epoch (what a teacher cache stores).
+        """
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside 0..{self.steps_per_epoch - 1}")
         index = self._rank_indices(epoch)[step].copy()
         first = (step * self.world_size + self.rank) * self.micro_batch
         position = np.arange(first, first + self.micro_batch, dtype=np.int64)
-        batch = self.micro_batch
+        if not self.views:
+            rngs = [position_rng(pos, self.seed, epoch, _AUGMENT) for pos in position]
+            return StepPlan(epoch, step, index, position, *self._augmentations(rngs))
+        view = np.array(
+            [position_rng(pos, self.seed, epoch, _VIEW).integers(self.views) for pos in position],
+            dtype=np.int64,
+        )
+        return self.view_plan(index, view, epoch=epoch, step=step, position=position)
+
+    def view_plan(
+        self,
+        index: np.ndarray,
+        view: np.ndarray,
+        *,
+        epoch: int = -1,
+        step: int = -1,
+        position: np.ndarray | None = None,
+    ) -> StepPlan:
+        """The plan of given (sample, view) pairs: the teacher cache pass reads any of them."""
+        if not self.views:
+            raise ValueError("view_plan needs views > 0 (data.views)")
+        index, view = np.asarray(index, dtype=np.int64), np.asarray(view, dtype=np.int64)
+        if view.size and (view.min() < 0 or view.max() >= self.views):
+            raise IndexError(f"views must lie in 0..{self.views - 1}")
+        rngs = [
+            position_rng(int(i) * self.views + int(v), self.view_seed, _VIEW_AUGMENT)
+            for i, v in zip(index, view, strict=True)
+        ]
+        if position is None:
+            position = np.full(len(index), -1, dtype=np.int64)
+        return StepPlan(epoch, step, index, position, *self._augmentations(rngs), view=view)
+
+    def _augmentations(self, rngs: list[np.random.Generator]) -> tuple[np.ndarray, ...]:
+        """Partner, lambda and the two masks of each sample, one generator per sample."""
+        batch = len(rngs)
         partner = np.full(batch, -1, dtype=np.int64)
         lam = np.ones(batch, dtype=np.float32)
         freq_mask = np.zeros((batch, 2), dtype=np.int64)
         time_mask = np.zeros((batch, 2), dtype=np.int64)
         aug = self.augment
-        for i, pos in enumerate(position):
+        for i, rng in enumerate(rngs):
             # Fixed draw order per sample, whatever the settings: keys stay comparable.
-            rng = position_rng(pos, self.seed, epoch, _AUGMENT)
             u_mix, u_partner, u_fw, u_fs, u_tw, u_ts = rng.random(6)
             beta = rng.beta(aug.mixup_alpha, aug.mixup_alpha) if aug.mixup_alpha > 0 else 1.0
             if u_mix < aug.mixup:  # AST: the partner is uniform over the set, not balanced
@@ -206,7 +253,7 @@ class TrainSampler:
                 lam[i] = beta
             freq_mask[i] = mask_params(u_fw, u_fs, aug.freqm, aug.num_mel_bins)
             time_mask[i] = mask_params(u_tw, u_ts, aug.timem, aug.target_length)
-        return StepPlan(epoch, step, index, position, partner, lam, freq_mask, time_mask)
+        return partner, lam, freq_mask, time_mask
 
     def plans(self, epoch: int, start_step: int = 0) -> Iterator[StepPlan]:
         for step in range(start_step, self.steps_per_epoch):

@@ -35,7 +35,7 @@ class SourceBatch:
     erase_anchor: list[np.ndarray]  # float32 [4]: fn.erase anchors (frequency, time band)
     erase_shape: list[np.ndarray]  # float32 [4]: fn.erase shapes
     labels: list[np.ndarray]  # float32 [C]: labels mixed with the same lambda
-    index: list[np.ndarray]  # int64 [primary, partner or -1]: global sample indices
+    index: list[np.ndarray]  # int64 [primary, partner or -1, view or -1]: indices, the view
 
     # field -> element type, in the order of the graph's external_source outputs
     DTYPES: ClassVar[dict[str, type]] = {
@@ -95,10 +95,14 @@ class PlannedSource:
                 shards.verify_hint,
             )
         self._silent = silent_flac()
+        # True: an unreadable planned sample is an error even under corrupt_policy=skip (a
+        # teacher cache holds logits of the planned samples and views: a stand-in has none)
+        self.exact = False
 
     def batch(self, plan: StepPlan) -> SourceBatch:
         """Read, check and arrange one step's members."""
         out: dict[str, list[np.ndarray]] = {name: [] for name in SourceBatch.fields()}
+        views = plan.view if plan.view is not None else np.full(len(plan.index), -1)
         for i, pos in enumerate(plan.position):
             main = self.readable(plan.epoch, int(pos), 0, int(plan.index[i]))
             lam = float(plan.lam[i])
@@ -107,12 +111,13 @@ class PlannedSource:
                 out["partner"].append(other.flac)
                 out["labels"].append(lam * main.labels + (1.0 - lam) * other.labels)
                 out["mix"].append(np.array([lam, 1.0], dtype=np.float32))
-                out["index"].append(np.array([main.index, other.index], dtype=np.int64))
+                pair = [main.index, other.index]
             else:
                 out["partner"].append(self._silent)
                 out["labels"].append(main.labels.copy())
                 out["mix"].append(np.array([1.0, 0.0], dtype=np.float32))
-                out["index"].append(np.array([main.index, -1], dtype=np.int64))
+                pair = [main.index, -1]
+            out["index"].append(np.array([*pair, views[i]], dtype=np.int64))
             out["audio"].append(main.flac)
             anchor, shape = erase_regions(
                 plan.freq_mask[i],
@@ -126,6 +131,8 @@ class PlannedSource:
 
     def readable(self, epoch: int, position: int, slot: int, index: int) -> Sample:
         """The planned sample, or under corrupt_policy=skip its first readable stand-in."""
+        if self.exact:
+            return self._exactly(index)
         candidates = self.sampler.candidates(epoch, position, slot)
         for _ in range(_MAX_STAND_INS):
             if not self.bad[index]:
@@ -139,6 +146,24 @@ class PlannedSource:
         raise DataError(
             f"no readable sample among {_MAX_STAND_INS} stand-ins; " + self.shards.verify_hint
         )
+
+    def _exactly(self, index: int) -> Sample:
+        """The planned sample itself (teacher cache: a stand-in would have no cached logits)."""
+        key = self.shards.table.keys[index]
+        fix = (
+            "a teacher cache holds the teacher's logits for the planned samples only, so "
+            f"none can be replaced; {self.shards.verify_hint}, then rerun"
+        )
+        if self.bad[index]:
+            raise DataError(f"sample {key} (index {index}) is in a missing shard; {fix}")
+        try:
+            sample = self.reader.read(index)
+            self.reader.check(sample, self.num_classes)
+        except MemberError as exc:
+            if getattr(exc, "unreachable", False):
+                self.mark_bad(index, exc)  # raises the storage message
+            raise DataError(f"{exc}; {fix}") from exc
+        return sample
 
     def mark_bad(self, index: int, exc: Exception) -> None:
         """Remember an unreadable sample (corrupt_policy=skip), else raise naming the fix."""

@@ -83,6 +83,7 @@ def open_loaders(cfg: Config, plan: ScalePlan, env: DistEnv, *, on_gpu: bool) ->
         world_size=env.world_size,
         seed=cfg.run.seed,
         device=device,
+        exact=bool(cfg.teacher.cache),  # a teacher cache has logits of planned samples only
     )
     loaders = RunLoaders(cfg, plan, env, device, train)
     if cfg.data.val:

@@ -65,6 +65,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, early_signals: Sequence[int] = ()) -> None:
         """Build everything; ``early_signals``: preemption signals seen before this ran."""
+        from cmkd_scale.distill.logit_cache import open_cached_teacher
         from cmkd_scale.distill.loss import DistillLoss
         from cmkd_scale.distill.teacher import build_teacher
         from cmkd_scale.models import build_model, load_pretrained
@@ -127,9 +128,19 @@ class Trainer:
             # Fine-tuning start (e.g. an AudioSet model for ESC-50): a head of another size
             # stays new, with a warning naming it; the teacher below always loads strictly.
             load_pretrained(student, cfg.model.checkpoint, strict=False)
-        self.teacher = build_teacher(  # fed through its own input settings (exact, or refused)
-            cfg.teacher, num_classes=self.num_classes, device=self.device, student=cfg.data, **dims
-        )
+        self.teacher, self.cached_teacher = None, None
+        if cfg.teacher.cache:  # the teacher's logits of every (sample, view), computed once
+            self.cached_teacher = open_cached_teacher(
+                cfg, self.train_loader.shards.shards, self.device
+            )
+        else:  # fed through its own input settings (exact, or refused)
+            self.teacher = build_teacher(
+                cfg.teacher,
+                num_classes=self.num_classes,
+                device=self.device,
+                student=cfg.data,
+                **dims,
+            )
         self.loss_fn = DistillLoss(cfg.distill)
         self.dtype = engine.compute_dtype(cfg)
         self.engine, ds_json = engine.build_engine(
@@ -286,7 +297,11 @@ class Trainer:
         """Forward (teacher, student), agree across ranks, backward+step; None when skipped."""
         fbank = batch.fbank.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        teacher_logits = self.teacher(fbank) if self.teacher is not None else None
+        teacher_logits = None
+        if self.cached_teacher is not None:
+            teacher_logits = self.cached_teacher(batch.index, batch.view)
+        elif self.teacher is not None:
+            teacher_logits = self.teacher(fbank)
         logits = self.engine(fbank.to(self.dtype)).float()
         parts = self.loss_fn(logits, labels, teacher_logits)
         kd = parts.kd.detach() if parts.kd is not None else torch.zeros((), device=self.device)
@@ -318,7 +333,8 @@ class Trainer:
         return agreed
 
     def _teacher_ms(self) -> float:
-        return self.teacher.last_ms if self.teacher is not None else 0.0
+        teacher = self.cached_teacher or self.teacher
+        return teacher.last_ms if teacher is not None else 0.0
 
     def _record_samples(self, batch: Batch, loss: float) -> None:
         if self.samples_log is None:

@@ -216,3 +216,43 @@ def test_mixup_draws_follow_ast():
 def test_too_few_samples_for_one_step_is_an_error():
     with pytest.raises(ValueError, match="micro_batch"):
         _sampler(world=4, micro_batch=4)
+
+
+def test_a_views_augmentation_is_fixed_by_view_seed_sample_and_view():
+    """data.views: each draw of a sample picks one of its V views; a view is augmented the
+    same way in every epoch and at every position (what a teacher cache stores)."""
+    views = 3
+    seen: dict[tuple[int, int], tuple] = {}
+    picked = []
+    for epoch in range(6):
+        for rank in range(2):
+            sampler = _sampler(rank=rank, views=views)
+            for plan in sampler.plans(epoch):
+                assert plan.view is not None and plan.view.min() >= 0 and plan.view.max() < views
+                picked.extend(plan.view.tolist())
+                for i, v in zip(plan.index, plan.view, strict=True):
+                    row = sampler.view_plan(np.array([i]), np.array([v]))
+                    got = tuple(
+                        getattr(plan, f)[plan.index.tolist().index(i)].tolist()
+                        for f in ("partner", "lam", "freq_mask", "time_mask")
+                    )
+                    want = tuple(
+                        getattr(row, f)[0].tolist()
+                        for f in ("partner", "lam", "freq_mask", "time_mask")
+                    )
+                    assert got == want
+                    assert seen.setdefault((int(i), int(v)), got) == got
+    assert set(picked) == set(range(views))
+    # different views of one sample are different augmentations
+    sampler = _sampler(views=views)
+    rows = sampler.view_plan(np.zeros(views, dtype=np.int64), np.arange(views))
+    assert len({tuple(m) for m in rows.time_mask.tolist()}) == views
+    # another view seed, other augmentations; another run seed, the same views
+    zeros, each = np.zeros(views, dtype=np.int64), np.arange(views)
+    other = _sampler(views=views, view_seed=8).view_plan(zeros, each)
+    assert rows.time_mask.tolist() != other.time_mask.tolist()
+    same = _sampler(views=views, seed=8).view_plan(zeros, each)
+    assert rows.time_mask.tolist() == same.time_mask.tolist()
+    with pytest.raises(IndexError, match="views must lie"):
+        sampler.view_plan(np.array([0]), np.array([views]))
+    assert _sampler().plan(0, 0).view is None  # no views: drawn per epoch position, as before
