@@ -1,6 +1,7 @@
 """KD-CNN with an AST teacher: students from the teacher cache vs the teacher run online.
 
     .venv/bin/python bench/bench_teacher_cache.py                 # CPU: AST-B/16 teacher, B0
+    .venv/bin/python bench/bench_teacher_cache.py --size cpu_10s  # the same on 1,024 frames
     .venv/bin/python bench/bench_teacher_cache.py --size dry      # seconds (the test's size)
 
 Everything through the real commands, in one run on one machine: prep-made shards, a teacher
@@ -38,7 +39,7 @@ from typing import Any
 import _common
 import torch
 
-RESULT = _common.RESULTS / "teacher_cache.json"
+RESULTS = _common.RESULTS  # teacher_cache_<size>.json
 AUDIOSET_CLIPS = 2_000_000
 RECOMMENDED = {"views": 5, "top_k": 32}  # README: V = the student's epochs, K = 32
 
@@ -57,10 +58,20 @@ class Size:
     top_k: int
 
 
-AST_B = ("arch=ast", "name=deit_base_distilled_patch16_384", "fstride=10", "tstride=10")
+AST_B = (
+    "arch=ast",
+    "name=deit_base_distilled_patch16_384",
+    "fstride=10",
+    "tstride=10",
+    "embed_dim=0",
+    "depth=0",
+    "num_heads=0",
+)  # the real width (debug_cpu.yaml is tiny)
 SIZES = {
     # AST-B/16 at its real width and depth on 2 s clips; EfficientNet-B0 student
     "cpu": Size(64, 2.0, 200, AST_B, "efficientnet_b0", 4, 10, 3, 2, 32),
+    # the same at the recipes' input: 10 s clips, 1,024 frames
+    "cpu_10s": Size(32, 10.0, 1024, AST_B, "efficientnet_b0", 4, 8, 2, 2, 32),
     "dry": Size(16, 1.5, 128, (*AST_B, "embed_dim=64", "depth=2", "num_heads=2"),
                 "efficientnet_b0", 2, 3, 1, 2, 16),
 }  # fmt: skip
@@ -273,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--workdir", default="", help="keep shards and runs here (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=RESULT)
+    p.add_argument(
+        "--out", type=Path, default=None, help="default: results/teacher_cache_SIZE.json"
+    )
     args = p.parse_args(argv)
+    args.out = args.out or RESULTS / f"teacher_cache_{args.size}.json"
     r = run(args)
     print(json.dumps({k: v for k, v in r.items() if k != "machine"}, indent=2))
     print(

@@ -40,7 +40,17 @@ ALLOWED: dict[str, set[str]] = {
     "serve": {"config", "logs", "prep", "data", "models"},
     # python -m cmkd_scale.teacher_cache: the teacher over every (sample, view), once
     "teacher_cache": {"config", "dist", "logs", "data", "models", "distill"},
-    "study": {"config", "dist", "logs", "data", "models", "evaluate", "tracking", "demo.synth"},
+    "study": {
+        "config",
+        "dist",
+        "logs",
+        "data",
+        "models",
+        "distill",
+        "evaluate",
+        "tracking",
+        "demo.synth",
+    },
     "demo": {"config", "logs", "prep", "study"},
     # thin entry points: python -m cmkd_scale.infer | export | features
     "infer": {"serve"},

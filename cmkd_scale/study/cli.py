@@ -23,9 +23,18 @@ from typing import Any
 
 from cmkd_scale.config import ConfigError
 from cmkd_scale.study.config import ROWS, StudyConfig, find_recipe, load_study, resolve_path
-from cmkd_scale.study.plan import Setting, Training, overrides, plan, teacher_run, validate
+from cmkd_scale.study.plan import (
+    Setting,
+    Training,
+    compose,
+    overrides,
+    plan,
+    teacher_run,
+    validate,
+)
 from cmkd_scale.study.results import entry, is_done, read_note, read_report
 from cmkd_scale.study.runner import Job, StudyError, run_local, run_slurm
+from cmkd_scale.study.teacher_caches import cache_dir, ensure_cache
 
 log = logging.getLogger(__name__)
 Echo = Callable[[str], None]
@@ -108,6 +117,10 @@ def _train_all(
                 teacher_checkpoint=teacher_ckpt,
                 teacher_arch=teacher_arch,
             )
+            if t.teacher is not None and study.teacher_cache.views:
+                cache = cache_dir(out, t, compose(recipe, items))
+                ensure_cache(study, recipe, items, cache, out / "logs" / f"{cache.name}.log", echo)
+                items.append(f"teacher.cache={cache}")
             jobs.append(Job(t, items, out / "logs" / f"{t.id}.log"))
         if not jobs:
             continue

@@ -21,6 +21,7 @@ Layout (every key but ``recipe`` and ``data.train``/``data.eval`` has a default)
     ast: {model.arch: ast, ...}                                         # AST student/baseline
     distill: {lambda_: 0.5, temperature: 1.0, loss: kl}                 # the KD rows' loss
     teacher: {dtype: auto}           # teacher.* for the KD rows (arch/checkpoint set by study)
+    teacher_cache: {views: 0, top_k: 0}  # views > 0: one cache pass per teacher, KD rows read it
     launch: {mode: local, nproc: 1, sbatch_args: [...], poll_s: 30}
     tracking: {uri: "", experiment: ""}
 
@@ -79,6 +80,8 @@ STUDY_KEYS = (
     "teacher.arch",
     "teacher.name",
     "teacher.checkpoint",
+    "teacher.cache",
+    "data.views",
     "tracking.enabled",
     "tracking.uri",
     "tracking.experiment",
@@ -110,6 +113,20 @@ class StudyLaunch:
 
 
 @dataclass(kw_only=True)
+class StudyTeacherCache:
+    """Teacher once, students many: one cache pass per teacher, every KD row reads it."""
+
+    views: int = 0  # 0 = the teachers run online; V > 0: data.views=V for every training
+    top_k: int = 0  # 0 = full fp16 logits
+    batch_size: int = 32  # the cache pass's teacher batch
+
+    def __post_init__(self) -> None:
+        _need(self.views >= 0, "teacher_cache.views", "must be >= 0 (0 = online teachers)")
+        _need(self.top_k >= 0, "teacher_cache.top_k", "must be >= 0 (0 = full logits)")
+        _need(self.batch_size >= 1, "teacher_cache.batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True)
 class StudyTracking:
     enabled: bool = True
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db
@@ -132,6 +149,7 @@ class StudyConfig:
     teacher: dict[str, Any] = field(default_factory=dict)
     launch: StudyLaunch = field(default_factory=StudyLaunch)
     tracking: StudyTracking = field(default_factory=StudyTracking)
+    teacher_cache: StudyTeacherCache = field(default_factory=StudyTeacherCache)
 
     def __post_init__(self) -> None:
         _need(bool(self.recipe), "recipe", "name the base training recipe (configs/*.yaml)")

@@ -92,6 +92,7 @@ def overrides(
     setting: Setting,
     teacher_checkpoint: str = "",
     teacher_arch: tuple[str, str] = ("", ""),
+    teacher_cache: str = "",
 ) -> list[str]:
     """The ``key=value`` overrides of the recipe that make this training."""
     values: dict[str, Any] = {}
@@ -119,6 +120,8 @@ def overrides(
                 "leave data.val empty"
             )
         items.append(f"data.val={cli_value(resolve_path(study.data.val))}")
+    if study.teacher_cache.views:  # every row, baselines too: the same augmentation scheme
+        items.append(f"data.views={study.teacher_cache.views}")
     if training.teacher is None:
         items.append("teacher=none")
     else:
@@ -128,6 +131,8 @@ def overrides(
             f"teacher.name={cli_value(name)}",
             f"teacher.checkpoint={cli_value(teacher_checkpoint)}",
         ]
+        if teacher_cache:
+            items.append(f"teacher.cache={cli_value(teacher_cache)}")
     if study.tracking.enabled:  # the study's switch wins over the recipe's
         items += ["tracking.enabled=true", f"tracking.uri={cli_value(setting.uri)}"]
         if setting.experiment:  # "" = the recipe's

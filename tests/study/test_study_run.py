@@ -157,3 +157,37 @@ def test_rerun_with_other_settings_keeps_the_finished_runs_and_says_which_keys(s
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "note: cnn-seed0 was trained with other values of run.max_steps" in proc.stdout
     assert "training (log" not in proc.stdout
+
+
+def test_a_study_with_a_teacher_cache_runs_the_teacher_once(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """teacher_cache.views: after the CNN baseline, one cache pass; both seeds of the KD row
+    train from it (the teacher is never built) and every row trains with data.views."""
+    config = _study_yaml(tmp_path, data)
+    tree = yaml.safe_load(config.read_text())
+    tree.update(rows=["cnn", "cnn2ast"], seeds=2, teacher_cache={"views": 2, "top_k": 2})
+    tree["tracking"] = {"enabled": False}
+    tree["train"]["run.max_steps"] = 2
+    config.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "out"
+    proc = _run_study(config, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (cache,) = (out / "teacher_cache").iterdir()
+    assert cache.name.startswith("cnn-") and (cache / "manifest.json").is_file()
+    # computing ..., done in ... (seed 0), reused (seed 1)
+    assert proc.stdout.count(f"teacher cache {cache}") == 3
+    assert proc.stdout.count("finished, reused") == 1
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert (manifest["top_k"], manifest["key"]["views"]) == (2, 2)
+    for seed in (0, 1):
+        run = out / "runs" / "cnn2ast" / f"seed-{seed}"
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["teacher"]["cache"] == str(cache) and cfg["data"]["views"] == 2
+        assert "the teacher is not built" in (out / "logs" / f"cnn2ast-seed{seed}.log").read_text()
+    base = yaml.safe_load((out / "runs" / "cnn" / "seed-0" / "config.yaml").read_text())
+    assert base["data"]["views"] == 2 and base["teacher"]["cache"] == ""
+    # a rerun reuses the finished cache and trains nothing
+    again = _run_study(config, out)
+    assert again.returncode == 0 and "teacher cache" not in again.stdout
+    assert "cnn2ast-seed1: finished before" in again.stdout
