@@ -51,7 +51,7 @@ def train_command(recipe: Path, items: list[str], nproc: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     # the repository first (the study may be started from another directory)
@@ -59,7 +59,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def log_tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -79,12 +79,12 @@ def run_local(jobs: list[Job], recipe: Path, nproc: int, echo: Echo, counter: li
         with job.log.open("w") as fh:
             fh.write(f"$ {shlex.join(cmd)}\n")
             fh.flush()
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env())
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env())
         wall = time.monotonic() - started
         if proc.returncode != 0 or not is_done(t.run_dir):
             raise StudyError(
                 f"training {t.id} failed (exit {proc.returncode}) after {wall:.0f} s; its log "
-                f"{job.log} ends with:\n{_tail(job.log)}\nFix the cause and rerun the same "
+                f"{job.log} ends with:\n{log_tail(job.log)}\nFix the cause and rerun the same "
                 "study command: finished trainings are skipped, this one resumes from its "
                 "last checkpoint."
             )
@@ -103,7 +103,7 @@ def run_slurm(
 ) -> None:
     """Submit a phase's trainings at once, then wait until they have all left the queue."""
     script = ROOT / "launch" / "train.sbatch"
-    env = {**_env(), "CMKD_ROOT": str(ROOT)}
+    env = {**child_env(), "CMKD_ROOT": str(ROOT)}
     submitted: dict[str, tuple[Job, float]] = {}
     for job in jobs:
         counter[0] += 1
@@ -147,7 +147,7 @@ def run_slurm(
             if not is_done(t.run_dir):
                 raise StudyError(
                     f"training {t.id} (SLURM job {job_id}) left the queue without its report; "
-                    f"its log {log} ends with:\n{_tail(log)}\nFix the cause and rerun the "
+                    f"its log {log} ends with:\n{log_tail(log)}\nFix the cause and rerun the "
                     "study command: finished trainings are skipped."
                 )
             write_note(

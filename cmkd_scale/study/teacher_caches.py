@@ -25,7 +25,7 @@ from cmkd_scale.dist import free_local_port
 from cmkd_scale.distill.logit_cache import AUGMENT_KEYS, FEATURE_KEYS, MANIFEST
 from cmkd_scale.study.config import ROOT, StudyConfig
 from cmkd_scale.study.plan import Training
-from cmkd_scale.study.runner import StudyError, _env, _tail
+from cmkd_scale.study.runner import StudyError, child_env, log_tail
 
 Echo = Callable[[str], None]
 
@@ -79,7 +79,7 @@ def ensure_cache(
         ]  # fmt: skip
         echo(f"teacher cache {cache}: SLURM job (log {log})")
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**_env(), "CMKD_ROOT": str(ROOT)}
+            cmd, capture_output=True, text=True, env={**child_env(), "CMKD_ROOT": str(ROOT)}
         )
         output = proc.stderr.strip()
     else:
@@ -88,13 +88,13 @@ def ensure_cache(
         with log.open("w") as fh:
             fh.write(f"$ {shlex.join(cmd)}\n")
             fh.flush()
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env())
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env())
         output = ""
     wall = time.monotonic() - started
     if proc.returncode != 0 or not (cache / MANIFEST).is_file():
         raise StudyError(
             f"the teacher cache pass for {cache} failed (exit {proc.returncode}) after "
-            f"{wall:.0f} s; {output}\nits log {log} ends with:\n{_tail(log)}\nFix the cause "
+            f"{wall:.0f} s; {output}\nits log {log} ends with:\n{log_tail(log)}\nFix the cause "
             "and rerun the study command: the pass keeps the parts it finished."
         )
     echo(f"teacher cache {cache}: done in {wall:.0f} s")
