@@ -212,3 +212,12 @@ def set_cpu_threads(device: torch.device) -> None:
     )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // max(1, local_world)))
+
+
+def describe(dist_env: DistEnv, device: torch.device) -> str:
+    """One line on where this rank runs (the first line a rank logs)."""
+    return (
+        f"rank {dist_env.rank}/{dist_env.world_size} (local {dist_env.local_rank}) on "
+        f"{socket.gethostname()} via {dist_env.launcher}, master {dist_env.master_addr}:"
+        f"{dist_env.master_port}, device {device}, {torch.get_num_threads()} torch threads"
+    )

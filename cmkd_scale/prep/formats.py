@@ -23,15 +23,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import posixpath
 from collections import deque
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .csv_format import read_csv_format
 from .segments import (
     AudioClass,
-    BadLine,
     ClassIndex,
     Segment,
     SegmentList,
@@ -39,15 +37,14 @@ from .segments import (
     file_sha256,
     read_class_index,
     read_segments,
-    safe_id,
 )
+from .tables import collect, open_table, split_ext, whole_file
 
 if TYPE_CHECKING:
     from .config import PrepConfig
 
 ESC50_HEADER = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
 FSD50K_HEADERS = (["fname", "labels", "mids"], ["fname", "labels", "mids", "split"])
-CSV_REQUIRED = ("file", "labels")
 _BOOL = {"true": True, "false": False}
 
 
@@ -55,72 +52,6 @@ def _classes_sha256(classes: list[AudioClass]) -> str:
     """Fingerprint of a class list that comes from the segment CSV itself (ESC-50)."""
     data = json.dumps([[c.index, c.mid, c.display_name, c.target] for c in classes])
     return hashlib.sha256(data.encode()).hexdigest()
-
-
-def _open_table(path: Path, what: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """Header and (line, row) pairs of a headed CSV; blank rows skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise SegmentsError(f"{what} {path} does not exist (check --segments)")
-
-    def rows() -> Iterator[tuple[int, list[str]]]:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
-            next(reader, None)
-            for row in reader:
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                yield reader.line_num, row
-
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
-    return header, rows()
-
-
-def _collect(
-    path: Path,
-    rows: Iterator[tuple[int, list[str]]],
-    parse: Callable[[list[str]], Segment | None],
-    *,
-    skip_bad_lines: bool,
-    bad_lines: list[BadLine],
-) -> list[Segment]:
-    """Parse rows; a bad one raises naming file:line, or is recorded with --skip-bad-lines.
-    ``parse`` returns None for a good row that the options leave out (--folds, --split)."""
-    out = []
-    for line, row in rows:
-        try:
-            seg = parse(row)
-        except ValueError as exc:
-            if not skip_bad_lines:
-                raise SegmentsError(
-                    f"{path}:{line}: {exc}; fix the line or pass --skip-bad-lines"
-                ) from None
-            bad_lines.append(BadLine(Path(path).name, line, str(exc)))
-            continue
-        if seg is not None:
-            out.append(_at(seg, Path(path).name, line))
-    return out
-
-
-def _at(seg: Segment, source: str, line: int) -> Segment:
-    return Segment(
-        seg.key, seg.ytid, seg.start, seg.end, seg.mids, seg.labels, source, line, seg.lookup
-    )
-
-
-def _whole_file(
-    clip_id: str, labels: tuple[int, ...], mids: tuple[str, ...], lookup: tuple
-) -> Segment:
-    return Segment(safe_id(clip_id), clip_id, 0.0, None, mids, labels, "", 0, lookup)
-
-
-def _split_ext(name: str) -> tuple[str, str]:
-    """('dir/a', 'wav') for 'dir/a.wav'; the extension lower-case, '' when there is none."""
-    stem, dot, ext = name.rpartition(".")
-    if not dot or not stem or "/" in ext:
-        return name, ""
-    return stem, ext.lower()
 
 
 # ---------------------------------------------------------------------------------- ESC-50
@@ -154,7 +85,7 @@ def read_esc50(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
     parsed: list[list[tuple[int, list[str], tuple | None, str | None]]] = []  # per CSV
     categories: dict[int, tuple[str, str]] = {}  # target -> (category, where first seen)
     for path in config.segments:
-        header, rows = _open_table(path, "ESC-50 CSV")
+        header, rows = open_table(path, "ESC-50 CSV")
         if header != ESC50_HEADER:
             raise SegmentsError(
                 f"{path}:1: expected ESC-50's header '{','.join(ESC50_HEADER)}', got "
@@ -198,12 +129,12 @@ def read_esc50(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
             filename, fold, target, _, esc10, src_file, take = fields
             if (folds is not None and fold not in folds) or (config.esc10 and not esc10):
                 return None
-            stem, ext = _split_ext(filename)
+            stem, ext = split_ext(filename)
             lookup = ((stem, ext), (f"{fold}-{src_file}-{take}", ""))  # 2015 release naming
-            return _whole_file(stem, (by_target[target],), (), lookup)
+            return whole_file(stem, (by_target[target],), (), lookup)
 
         rows = ((line, [row, f, err]) for line, row, f, err in pending.popleft())
-        return _collect(path, rows, parse, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
+        return collect(path, rows, parse, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
 
     found = read_segments(
         list(config.segments), index, skip_bad_lines=config.skip_bad_lines, reader=reader
@@ -253,7 +184,7 @@ def read_fsd50k(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
     index = read_fsd50k_vocabulary(config.class_labels)
 
     def reader(path: Path, classes, *, skip_bad_lines: bool, bad_lines: list) -> list[Segment]:
-        header, rows = _open_table(path, "FSD50K ground-truth CSV")
+        header, rows = open_table(path, "FSD50K ground-truth CSV")
         if header not in FSD50K_HEADERS:
             raise SegmentsError(
                 f"{path}:1: expected FSD50K's header 'fname,labels,mids[,split]', got "
@@ -293,134 +224,9 @@ def read_fsd50k(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
                     raise ValueError(f"split {split!r} is neither train nor val")
                 if config.split is not None and split != config.split:
                     return None
-            return _whole_file(fname, labels, mids, ((fname, "wav"),))
+            return whole_file(fname, labels, mids, ((fname, "wav"),))
 
-        return _collect(path, rows, parse, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
-
-    found = read_segments(
-        list(config.segments), index, skip_bad_lines=config.skip_bad_lines, reader=reader
-    )
-    return index, found
-
-
-# ---------------------------------------------------------------------------------- csv
-
-
-def read_class_names(path: Path) -> ClassIndex:
-    """Class names for --format csv: one name per line, or a CSV whose header row has a
-    ``name`` or ``display_name`` column (``display_name`` wins; optional ``index`` must count
-    0..C-1, optional ``mid`` is recorded) -- AudioSet's class_labels_indices.csv works too."""
-    path = Path(path)
-    if not path.is_file():
-        raise SegmentsError(f"class list {path} does not exist (pass --class-labels)")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        text = f.read()
-    lines = text.splitlines()
-    first = next(csv.reader(lines[:1]), []) if lines else []
-    header = [h.strip() for h in first]
-    classes: list[AudioClass] = []
-
-    def add(name: str, mid: str, where: str) -> None:
-        if not name:
-            raise SegmentsError(f"{where}: empty class name")
-        if any(c.display_name == name for c in classes):
-            raise SegmentsError(f"{where}: class name {name!r} is repeated")
-        classes.append(AudioClass(len(classes), mid, name))
-
-    if "name" in header or "display_name" in header:
-        column = header.index("display_name" if "display_name" in header else "name")
-        reader = csv.reader(lines[1:])
-        for row in reader:
-            line = reader.line_num + 1
-            if not row:
-                continue
-            where = f"{path}:{line}"
-            if len(row) != len(header):
-                raise SegmentsError(f"{where}: expected {len(header)} fields, got {row!r}")
-            if "index" in header and row[header.index("index")].strip() != str(len(classes)):
-                raise SegmentsError(
-                    f"{where}: index {row[header.index('index')]!r} out of order, expected "
-                    f"{len(classes)}"
-                )
-            mid = row[header.index("mid")].strip() if "mid" in header else ""
-            add(row[column].strip(), mid, where)
-    else:
-        for i, raw in enumerate(lines, start=1):
-            if raw.strip():
-                add(raw.strip(), "", f"{path}:{i}")
-    if not classes:
-        raise SegmentsError(f"{path}: no classes listed")
-    return ClassIndex.build(classes, file_sha256(path))
-
-
-def match_names(text: str, by_name: dict[str, int]) -> list[int]:
-    """Class indices of a comma-separated list of names; a name may itself hold commas
-    (AudioSet's "Male speech, man speaking"): the longest name that matches is taken."""
-    parts = text.split(",")
-    out, i = [], 0
-    while i < len(parts):
-        if not parts[i].strip():
-            i += 1
-            continue
-        for j in range(len(parts), i, -1):
-            name = ",".join(parts[i:j]).strip()
-            if name in by_name:
-                out.append(by_name[name])
-                i = j
-                break
-        else:
-            raise ValueError(f"unknown label {parts[i].strip()!r} (not in --class-labels)")
-    return out
-
-
-def _relative(file: str) -> str:
-    """A normalized relative POSIX path, or ValueError for one that leaves --audio-dir."""
-    if not file:
-        raise ValueError("empty file")
-    if file.startswith(("/", "\\")) or (len(file) > 1 and file[1] == ":"):
-        raise ValueError(f"file {file!r} is absolute: give it relative to --audio-dir")
-    norm = posixpath.normpath(file)
-    if norm == ".." or norm.startswith("../"):
-        raise ValueError(f"file {file!r} leaves --audio-dir")
-    return norm
-
-
-def read_csv_format(config: PrepConfig) -> tuple[ClassIndex, SegmentList]:
-    """Any dataset: ``file,labels[,fold]`` rows (other columns are ignored)."""
-    index = read_class_names(config.class_labels)
-    folds = set(config.folds) if config.folds is not None else None
-
-    def reader(path: Path, classes, *, skip_bad_lines: bool, bad_lines: list) -> list[Segment]:
-        header, rows = _open_table(path, "segment list")
-        if not all(c in header for c in CSV_REQUIRED) or len(set(header)) != len(header):
-            raise SegmentsError(
-                f"{path}:1: expected a header with columns 'file,labels' (and optionally "
-                f"'fold'), got {','.join(header)!r}"
-            )
-        col = {name: header.index(name) for name in (*CSV_REQUIRED, "fold") if name in header}
-        if folds is not None and "fold" not in col:
-            raise SegmentsError(f"{path}: --folds needs a 'fold' column, the header has none")
-
-        def parse(row: list[str]) -> Segment | None:
-            if len(row) != len(header):
-                raise ValueError(f"expected {len(header)} fields ({','.join(header)}), "
-                                 f"got {len(row)}")  # fmt: skip
-            rel = _relative(row[col["file"]].strip())
-            labels = tuple(dict.fromkeys(match_names(row[col["labels"]], classes.by_name)))
-            if not labels:
-                raise ValueError("no labels")
-            if "fold" in col:
-                try:
-                    fold = int(row[col["fold"]])
-                except ValueError:
-                    raise ValueError(f"fold {row[col['fold']]!r} is not an integer") from None
-                if folds is not None and fold not in folds:
-                    return None
-            stem, ext = _split_ext(rel)
-            mids = tuple(m for m in (classes.classes[i].mid for i in labels) if m)
-            return _whole_file(stem, labels, mids, ((stem, ext),))
-
-        return _collect(path, rows, parse, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
+        return collect(path, rows, parse, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
 
     found = read_segments(
         list(config.segments), index, skip_bad_lines=config.skip_bad_lines, reader=reader

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,12 +29,36 @@ from cmkd_scale.train.report import (
 )
 
 if TYPE_CHECKING:
-    from cmkd_scale.train.trainer import Trainer
+    from cmkd_scale.config import Config
+    from cmkd_scale.tracking import Tracker
+    from cmkd_scale.train.checkpoint import CheckpointManager, TrainerState
+    from cmkd_scale.train.evaluator import TrainEvaluator
+    from cmkd_scale.train.loaders import RunLoaders
+    from cmkd_scale.train.step_metrics import JsonlLog
 
 log = logging.getLogger(__name__)
 
 
-def choose(t: Trainer, final: Path) -> Choice:
+class EndingRun(Protocol):
+    """What the end of a run reads of the trainer (``Trainer`` passes itself)."""
+
+    state: TrainerState
+    cfg: Config
+    ckpt: CheckpointManager
+    run_dir: Path
+    is_main: bool
+    steps_per_epoch: int
+    loaders: RunLoaders
+    evaluator: TrainEvaluator
+    device: torch.device
+    class_names: list[str]
+    tracker: Tracker
+    metrics_log: JsonlLog
+
+    def export(self, tag: str, filename: str) -> Path: ...
+
+
+def choose(t: EndingRun, final: Path) -> Choice:
     """The model the run reports: best on val, else the weight average, else final."""
     state, cfg = t.state, t.cfg
     models = t.ckpt.models_dir
@@ -71,7 +95,7 @@ def choose(t: Trainer, final: Path) -> Choice:
     return final_choice
 
 
-def _heal_best_export(t: Trainer) -> None:
+def _heal_best_export(t: EndingRun) -> None:
     """best.pt must be the chosen checkpoint's student (a crash can fall between them)."""
     from cmkd_scale.models.exported import Export
 
@@ -90,7 +114,7 @@ def _heal_best_export(t: Trainer) -> None:
             t.export(tag, "best.pt")
 
 
-def write_report(t: Trainer, choice: Choice) -> dict[str, Any]:
+def write_report(t: EndingRun, choice: Choice) -> dict[str, Any]:
     """Score the reported model on the eval set, once; write eval/report_*."""
     from cmkd_scale.evaluate.scoring import evaluate, save_result
     from cmkd_scale.models.exported import Export

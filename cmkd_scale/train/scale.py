@@ -220,3 +220,18 @@ def resolve_scale(cfg: Config, world_size: int) -> ScalePlan:
         warmup_steps=warmup,
         min_lr=min_lr,
     )
+
+
+def check_supported(cfg: Config, world_size: int | None = None) -> ScalePlan:
+    """Refuse settings the training loop cannot honour; the batch/lr plan for ``world_size``.
+
+    ``world_size`` None: the launcher's (WORLD_SIZE / SLURM_NTASKS, else 1). An impossible
+    batch split and non-finite skipping with gradient accumulation are refused here.
+    """
+    plan = resolve_scale(cfg, world_size or world_size_from_env())
+    if not cfg.data.eval:
+        raise ConfigError(
+            "config key 'data.eval': every run ends with its report on the eval set; set "
+            "data.eval (and data.val for the set that chooses the model)"
+        )
+    return plan

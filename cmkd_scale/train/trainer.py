@@ -13,10 +13,8 @@ for the reported model only (report.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cmkd_scale import dist
-from cmkd_scale.config import Config, ConfigError
+from cmkd_scale.config import Config
 from cmkd_scale.diskspace import StorageError
 from cmkd_scale.dist import EXIT_REQUEUE
 from cmkd_scale.models.exported import copy_export, epoch_tag
@@ -35,9 +33,10 @@ from cmkd_scale.train.evaluator import TrainEvaluator
 from cmkd_scale.train.loaders import open_loaders
 from cmkd_scale.train.nonfinite import handle_nonfinite
 from cmkd_scale.train.run_files import open_tracker, warn_config_changes, write_run_files
-from cmkd_scale.train.scale import ScalePlan, resolve_scale, world_size_from_env
+from cmkd_scale.train.scale import check_supported
 from cmkd_scale.train.step import Agreement, EpochEnd
 from cmkd_scale.train.step_metrics import JsonlLog, StepMeter, StepReporter
+from cmkd_scale.train.teaching import Teaching
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +44,12 @@ if TYPE_CHECKING:  # the data package loads DALI; the trainer imports it lazily
     from cmkd_scale.data.loader import Batch
 
 
-def check_supported(cfg: Config, world_size: int | None = None) -> ScalePlan:
-    """Refuse settings the training loop cannot honour; the batch/lr plan for ``world_size``.
-
-    ``world_size`` None: the launcher's (WORLD_SIZE / SLURM_NTASKS, else 1). An impossible
-    batch split and non-finite skipping with gradient accumulation are refused here.
-    """
-    plan = resolve_scale(cfg, world_size or world_size_from_env())
-    if not cfg.data.eval:
-        raise ConfigError(
-            "config key 'data.eval': every run ends with its report on the eval set; set "
-            "data.eval (and data.val for the set that chooses the model)"
-        )
-    return plan
-
-
 class Trainer:
     """Owns the run: loaders, student engine, teacher, loss, checkpoints, tracker."""
 
     def __init__(self, cfg: Config, *, early_signals: Sequence[int] = ()) -> None:
         """Build everything; ``early_signals``: preemption signals seen before this ran."""
-        from cmkd_scale.distill.logit_cache import open_cached_teacher
         from cmkd_scale.distill.loss import DistillLoss
-        from cmkd_scale.distill.teacher import build_teacher
         from cmkd_scale.models import build_model, load_pretrained
 
         self.cfg = cfg
@@ -86,18 +68,7 @@ class Trainer:
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._on_preempt)
         dist.set_cpu_threads(self.device)
-        log.info(
-            "rank %d/%d (local %d) on %s via %s, master %s:%d, device %s, %d torch threads",
-            self.env.rank,
-            self.env.world_size,
-            self.env.local_rank,
-            socket.gethostname(),
-            self.env.launcher,
-            self.env.master_addr,
-            self.env.master_port,
-            self.device,
-            torch.get_num_threads(),
-        )
+        log.info("%s", dist.describe(self.env, self.device))
 
         ds, plan = cfg.deepspeed, self.plan
         if self.is_main:
@@ -128,19 +99,12 @@ class Trainer:
             # Fine-tuning start (e.g. an AudioSet model for ESC-50): a head of another size
             # stays new, with a warning naming it; the teacher below always loads strictly.
             load_pretrained(student, cfg.model.checkpoint, strict=False)
-        self.teacher, self.cached_teacher = None, None
-        if cfg.teacher.cache:  # the teacher's logits of every (sample, view), computed once
-            self.cached_teacher = open_cached_teacher(
-                cfg, self.train_loader.shards.shards, self.device
-            )
-        else:  # fed through its own input settings (exact, or refused)
-            self.teacher = build_teacher(
-                cfg.teacher,
-                num_classes=self.num_classes,
-                device=self.device,
-                student=cfg.data,
-                **dims,
-            )
+        self.teaching = Teaching(  # online, from a cache, or none
+            cfg,
+            shard_list=self.train_loader.shards.shards,
+            num_classes=self.num_classes,
+            device=self.device,
+        )
         self.loss_fn = DistillLoss(cfg.distill)
         self.dtype = engine.compute_dtype(cfg)
         self.engine, ds_json = engine.build_engine(
@@ -194,11 +158,10 @@ class Trainer:
             total_steps=self.total_steps,
             device=self.device,
         )
-        self.samples_log = (
-            self.run_dir / "samples" / f"rank{self.env.rank}.jsonl"
-            if cfg.run.record_samples
-            else None
-        )
+        self.samples_log = None
+        if cfg.run.record_samples:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            self.samples_log = JsonlLog(self.run_dir / "samples" / f"rank{self.env.rank}.jsonl")
         self.evaluator = TrainEvaluator(
             self.loaders.val or self.loaders.eval,
             split="val" if cfg.data.val else "eval",
@@ -279,7 +242,7 @@ class Trainer:
             state.batch_in_epoch += 1
             if agreed is not None:
                 stop_agreed |= agreed.stop
-                meter.add(agreed.mean_losses(self.env.world_size), data_wait, self._teacher_ms())
+                meter.add(agreed.mean_losses(self.env.world_size), data_wait, self.teaching.last_ms)
             if self.engine.global_steps != state.global_step:  # an optimizer step happened
                 state.global_step = self.engine.global_steps
                 self._after_step(meter)
@@ -297,11 +260,7 @@ class Trainer:
         """Forward (teacher, student), agree across ranks, backward+step; None when skipped."""
         fbank = batch.fbank.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        teacher_logits = None
-        if self.cached_teacher is not None:
-            teacher_logits = self.cached_teacher(batch.index, batch.view)
-        elif self.teacher is not None:
-            teacher_logits = self.teacher(fbank)
+        teacher_logits = self.teaching.logits(batch, fbank)
         logits = self.engine(fbank.to(self.dtype)).float()
         parts = self.loss_fn(logits, labels, teacher_logits)
         kd = parts.kd.detach() if parts.kd is not None else torch.zeros((), device=self.device)
@@ -317,7 +276,10 @@ class Trainer:
             device=self.device,
         )
         agreed = Agreement.unpack(dist.all_reduce_sum(summed))
-        self._record_samples(batch, float(parts.total.detach()))
+        if self.samples_log is not None:  # run.record_samples: what each batch held
+            at = {"epoch": self.state.epoch, "batch": self.state.batch_in_epoch}
+            self.samples_log.write({**at, "keys": list(batch.keys),
+                                    "loss": float(parts.total.detach())})  # fmt: skip
         if agreed.nonfinite:
             handle_nonfinite(
                 self.cfg, self.state, list(batch.keys), finite_here=bool(finite), ckpt=self.ckpt
@@ -331,23 +293,6 @@ class Trainer:
         if norm is not None:
             self._grad_norm = norm
         return agreed
-
-    def _teacher_ms(self) -> float:
-        teacher = self.cached_teacher or self.teacher
-        return teacher.last_ms if teacher is not None else 0.0
-
-    def _record_samples(self, batch: Batch, loss: float) -> None:
-        if self.samples_log is None:
-            return
-        self.samples_log.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "epoch": self.state.epoch,
-            "batch": self.state.batch_in_epoch,
-            "keys": list(batch.keys),
-            "loss": loss,
-        }
-        with open(self.samples_log, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
 
     def _after_step(self, meter: StepMeter) -> None:
         """Per-step metrics, periodic evaluation and checkpoints."""
@@ -375,8 +320,8 @@ class Trainer:
         summary = self.evaluator.student(
             self.engine, self.dtype, name, step=state.global_step, epoch=state.epoch
         )
-        if self.teacher is not None and cfg.eval.teacher:
-            self.evaluator.teacher(self.teacher, step=state.global_step, epoch=state.epoch)
+        if self.teaching.online is not None and cfg.eval.teacher:
+            self.evaluator.teacher(self.teaching.online, step=state.global_step, epoch=state.epoch)
         if not cfg.data.val:
             return False
         metric = cfg.eval.select_metric
