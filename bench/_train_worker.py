@@ -150,7 +150,7 @@ def split_steps(
         start = clock()
         for _ in range(steps):
             trainer._micro_step(wait.next(batches))
-            teacher += trainer._teacher_ms() / 1000
+            teacher += trainer.teaching.last_ms / 1000
         wall = clock() - start
     parts = {"data_wait": wait.total, "teacher": teacher, **totals}
     parts["other"] = wall - sum(parts.values())  # loss, the flag all-reduce, copies
@@ -165,10 +165,10 @@ def count_flops(trainer: Trainer, batch: Batch) -> dict[str, float]:
         trainer._micro_step(batch)
     step = float(counter.get_total_flops())
     teacher = 0.0
-    if trainer.teacher is not None:
+    if trainer.teaching.online is not None:
         fbank = batch.fbank.to(trainer.device)
         with flop_counter() as counter:
-            trainer.teacher(fbank)
+            trainer.teaching.online(fbank)
         teacher = float(counter.get_total_flops())
     return {"step": step, "teacher": teacher, "student": step - teacher}
 
@@ -208,7 +208,7 @@ def reference_steps(
     def step(batch: Batch) -> None:
         fbank = batch.fbank.to(trainer.device, non_blocking=True)
         labels = batch.labels.to(trainer.device, non_blocking=True)
-        teacher_logits = trainer.teacher(fbank) if trainer.teacher is not None else None
+        teacher_logits = trainer.teaching.logits(batch, fbank)
         with autocast:
             logits = model(fbank).float()
         loss = trainer.loss_fn(logits, labels, teacher_logits).total
@@ -250,11 +250,11 @@ def measure(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     out["kd"] = run_steps(trainer, batches, args.steps, clock)
     out["memory"] = memory_now(device)
-    teacher, trainer.teacher = trainer.teacher, None
+    teacher, trainer.teaching.online = trainer.teaching.online, None
     try:
         out["student_only"] = run_steps(trainer, batches, args.steps, clock)
     finally:
-        trainer.teacher = teacher
+        trainer.teaching.online = teacher
     out["split"] = split_steps(trainer, batches, args.steps, clock)
     out["flops"] = count_flops(trainer, next(batches))
     if args.reference:

@@ -324,7 +324,7 @@ def test_teacher_gets_no_gradients_and_stays_unchanged_in_the_trainer(
     overrides = train_args(tmp_path / "run", data, "run.max_steps=3")[4:]
     overrides.append(f"teacher.checkpoint={teacher_run / 'models/final.pt'}")
     trainer = Trainer(load_config(CONFIG, overrides))
-    teacher = trainer.teacher
+    teacher = trainer.teaching.online
     assert teacher is not None
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     try:
