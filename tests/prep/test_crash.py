@@ -293,13 +293,15 @@ def test_a_decoder_killed_from_outside_costs_nothing(tmp_path: Path) -> None:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.001)
         os.kill(proc.pid, signal.SIGSTOP)  # hold prep still so the kill lands mid-run
+        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:  # the signal is async
+            time.sleep(0.001)
         done = len(list(out.glob("shard-*.meta.json")))
         lanes = [
             c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())
         ]
         assert len(lanes) == 2 and done < 24, f"{len(lanes)} decoders, {done} shards done"
         lanes[0].kill()
-        while lanes[0].status() != psutil.STATUS_ZOMBIE:  # dead; prep (stopped) reaps it later
+        while not _dead(lanes[0]):  # prep (stopped) reaps it later
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGCONT)
         _, stderr = proc.communicate(timeout=120)
@@ -314,6 +316,14 @@ def test_a_decoder_killed_from_outside_costs_nothing(tmp_path: Path) -> None:
     _, alive = psutil.wait_procs(lanes, timeout=10)
     assert not alive, "decoder processes outlived prep"
     assert tree_digest(out) == tree_digest(inputs.clean)
+
+
+def _dead(process: psutil.Process) -> bool:
+    """Killed: a zombie not yet reaped, or already gone."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_exit_status_names_the_signal() -> None:
