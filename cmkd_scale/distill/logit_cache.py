@@ -31,9 +31,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -166,14 +167,20 @@ def decode(rows: np.ndarray, num_classes: int, top_k: int) -> np.ndarray:
     return out.reshape(*shape, num_classes)
 
 
-def write_atomically(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to a temporary name in the same folder, fsync, rename."""
+def write_file_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` into a temporary name in the same folder, fsync, rename. Workers may write
+    the same file at once (the same bytes): each through its own temporary name."""
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
-        np.save(fh, array)
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def write_atomically(path: Path, array: np.ndarray) -> None:
+    """A part: ``np.save`` through :func:`write_file_atomically`."""
+    write_file_atomically(path, lambda fh: np.save(fh, array))
 
 
 def part_is_complete(path: Path, rows: int, views: int, dtype: np.dtype) -> bool:
@@ -234,9 +241,12 @@ def expected_parts(shard_sizes: list[int], views: int, views_per_part: int) -> l
 class LogitCache:
     """The cached teacher logits of every (training sample, view), memory-mapped."""
 
-    def __init__(self, folder: str | Path, expected: CacheKey | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, expected: CacheKey | None = None, info: CacheInfo | None = None
+    ) -> None:
+        """``info``: the folder's manifest when the caller has read it already."""
         self.folder = Path(folder)
-        self.info = CacheInfo.read(self.folder)
+        self.info = info or CacheInfo.read(self.folder)
         if expected is not None:
             wrong = self.info.key.mismatches(expected)
             if wrong:
@@ -249,7 +259,7 @@ class LogitCache:
         info = self.info
         self.starts = np.cumsum([0, *info.shard_sizes])
         dtype = part_dtype(info.num_classes, info.top_k)
-        self._parts: dict[tuple[int, int], np.ndarray] = {}
+        self._parts: dict[tuple[int, int], np.ndarray] = {}  # (shard, first view) -> rows
         for part in expected_parts(info.shard_sizes, info.key.views, info.views_per_part):
             path = self.folder / part.name
             rows, views = info.shard_sizes[part.shard], part.view_stop - part.view_start
@@ -258,8 +268,7 @@ class LogitCache:
                     f"{path} is missing or damaged (expected {rows} x {views} rows of {dtype}); "
                     "delete it and rerun the cache pass, which recomputes only that part"
                 )
-            for view in range(part.view_start, part.view_stop):
-                self._parts[(part.shard, view)] = np.load(path, mmap_mode="r")
+            self._parts[(part.shard, part.view_start)] = np.load(path, mmap_mode="r")
 
     @property
     def num_classes(self) -> int:
@@ -271,10 +280,10 @@ class LogitCache:
         if index.size and (index.min() < 0 or index.max() >= self.starts[-1]):
             raise IndexError(f"sample index outside 0..{self.starts[-1] - 1}")
         shard = np.searchsorted(self.starts, index, side="right") - 1
-        vpp = self.info.views_per_part
+        first = view - view % self.info.views_per_part  # the first view of each row's part
         rows = [
-            self._parts[(int(s), int(v))][int(i - self.starts[s]), int(v) - (int(v) // vpp) * vpp]
-            for i, s, v in zip(index, shard, view, strict=True)
+            self._parts[(int(s), int(f))][int(i - self.starts[s]), int(v - f)]
+            for i, s, v, f in zip(index, shard, view, first, strict=True)
         ]
         return decode(np.stack(rows), self.info.num_classes, self.info.top_k)
 
@@ -305,7 +314,7 @@ def open_cached_teacher(
     folder = Path(cfg.teacher.cache)
     info = CacheInfo.read(folder)
     teacher = teacher_identity(cfg.teacher) if cfg.teacher.checkpoint else info.key.teacher
-    cache = LogitCache(folder, cache_key(cfg, shard_list, teacher))
+    cache = LogitCache(folder, cache_key(cfg, shard_list, teacher), info=info)
     log.info(
         "teacher logits from the cache %s (%s, %d views, teacher %s): the teacher is not built",
         folder,

@@ -26,7 +26,6 @@ from cmkd_scale.study.config import ROWS, StudyConfig, find_recipe, load_study, 
 from cmkd_scale.study.plan import (
     Setting,
     Training,
-    compose,
     overrides,
     plan,
     teacher_run,
@@ -118,7 +117,7 @@ def _train_all(
                 teacher_arch=teacher_arch,
             )
             if t.teacher is not None and study.teacher_cache.views:
-                cache = cache_dir(out, t, compose(recipe, items))
+                cache = cache_dir(out, t, configs[t.id])  # its data.*, composed before
                 ensure_cache(study, recipe, items, cache, out / "logs" / f"{cache.name}.log", echo)
                 items.append(f"teacher.cache={cache}")
             jobs.append(Job(t, items, out / "logs" / f"{t.id}.log"))

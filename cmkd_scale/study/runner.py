@@ -41,14 +41,18 @@ class Job:
     log: Path
 
 
-def train_command(recipe: Path, items: list[str], nproc: int) -> list[str]:
-    train = ["-m", "cmkd_scale.train", "--config", str(recipe), *items]
+def python_command(args: list[str], nproc: int) -> list[str]:
+    """``python ARGS`` (e.g. ``-m cmkd_scale.train ...``), under torchrun with ``nproc > 1``."""
     if nproc <= 1:
-        return [sys.executable, *train]
+        return [sys.executable, *args]
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_local_port()), *train,
+        "--master_addr", "127.0.0.1", "--master_port", str(free_local_port()), *args,
     ]  # fmt: skip
+
+
+def train_command(recipe: Path, items: list[str], nproc: int) -> list[str]:
+    return python_command(["-m", "cmkd_scale.train", "--config", str(recipe), *items], nproc)
 
 
 def child_env() -> dict[str, str]:

@@ -15,17 +15,15 @@ import hashlib
 import json
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from cmkd_scale.config import Config
-from cmkd_scale.dist import free_local_port
 from cmkd_scale.distill.logit_cache import AUGMENT_KEYS, FEATURE_KEYS, MANIFEST
 from cmkd_scale.study.config import ROOT, StudyConfig
 from cmkd_scale.study.plan import Training
-from cmkd_scale.study.runner import StudyError, child_env, log_tail
+from cmkd_scale.study.runner import StudyError, child_env, log_tail, python_command
 
 Echo = Callable[[str], None]
 
@@ -44,20 +42,12 @@ def cache_dir(out: Path, training: Training, cfg: Config) -> Path:
     return out / "teacher_cache" / f"{training.teacher}-{digest}"
 
 
-def cache_command(
-    study: StudyConfig, recipe: Path, items: list[str], cache: Path, nproc: int
-) -> list[str]:
-    """``python -m cmkd_scale.teacher_cache`` for one KD training's config (its overrides)."""
-    args = [
-        "-m", "cmkd_scale.teacher_cache", "--config", str(recipe), "--out", str(cache),
+def cache_args(study: StudyConfig, recipe: Path, items: list[str], cache: Path) -> list[str]:
+    """The arguments of ``python -m cmkd_scale.teacher_cache`` for one KD training's config."""
+    return [
+        "--config", str(recipe), "--out", str(cache),
         "--top-k", str(study.teacher_cache.top_k),
         "--batch-size", str(study.teacher_cache.batch_size), *items,
-    ]  # fmt: skip
-    if nproc <= 1:
-        return [sys.executable, *args]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_local_port()), *args,
     ]  # fmt: skip
 
 
@@ -75,7 +65,7 @@ def ensure_cache(
             "sbatch", "--parsable", "--wait", f"--job-name=cmkd-{study.name}-teacher-cache",
             f"--output={log}", *study.launch.sbatch_args,
             str(ROOT / "launch" / "teacher_cache.sbatch"),
-            *cache_command(study, recipe, items, cache, 1)[3:],  # the module's arguments
+            *cache_args(study, recipe, items, cache),
         ]  # fmt: skip
         echo(f"teacher cache {cache}: SLURM job (log {log})")
         proc = subprocess.run(
@@ -83,7 +73,8 @@ def ensure_cache(
         )
         output = proc.stderr.strip()
     else:
-        cmd = cache_command(study, recipe, items, cache, study.launch.nproc)
+        module = ["-m", "cmkd_scale.teacher_cache", *cache_args(study, recipe, items, cache)]
+        cmd = python_command(module, study.launch.nproc)
         echo(f"teacher cache {cache}: computing (log {log})")
         with log.open("w") as fh:
             fh.write(f"$ {shlex.join(cmd)}\n")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from cmkd_scale.distill.logit_cache import (
     part_is_complete,
     teacher_identity,
     write_atomically,
+    write_file_atomically,
 )
 from cmkd_scale.distill.teacher import build_teacher
 
@@ -141,10 +140,7 @@ def finalize(out: Path) -> bool:
 
 
 def write_atomically_text(path: Path, text: str) -> None:
-    """Workers may write the same file at once (same text): each through its own temp name."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_file_atomically(path, lambda fh: fh.write(text.encode()))
 
 
 def _claim(out: Path, info: CacheInfo) -> None:

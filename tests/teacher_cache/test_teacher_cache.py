@@ -30,6 +30,7 @@ from tests.fixtures.train import (  # the `data` fixture comes from there, via c
     step_losses,
     torchrun,
     train_args,
+    train_cnn_teacher,
     train_env,
     wait_all,
 )
@@ -43,19 +44,7 @@ STEPS = 6  # 2 ranks x micro batch 4 on 32 clips: 4 steps per epoch, so the run 
 @pytest.fixture(scope="module")
 def teacher(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained EfficientNet-B0 export (the teacher of every run here)."""
-    run_dir = tmp_path_factory.mktemp("cache_teacher") / "run"
-    args = train_args(
-        run_dir,
-        data,
-        "teacher=none",
-        "model.arch=efficientnet",
-        "model.name=efficientnet_b0",
-        "run.max_steps=4",
-        "run.checkpoint_every_steps=0",
-        "optim.warmup_steps=2",
-    )
-    proc = run_cmd([sys.executable, *args])
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_dir = train_cnn_teacher(tmp_path_factory.mktemp("cache_teacher") / "run", data, steps=4)
     return run_dir / "models" / "final.pt"
 
 

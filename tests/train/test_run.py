@@ -34,6 +34,7 @@ from tests.fixtures.train import (  # the `data` fixture comes from there, via c
     step_losses,
     torchrun,
     train_args,
+    train_cnn_teacher,
     wait_all,
 )
 
@@ -46,20 +47,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def teacher_run(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An EfficientNet-B0 trained WITHOUT a teacher, in ONE process (no launcher env)."""
-    run_dir = tmp_path_factory.mktemp("teacher") / "run"
-    args = train_args(
-        run_dir,
-        data,
-        "teacher=none",
-        "model.arch=efficientnet",
-        "model.name=efficientnet_b0",
-        "run.max_steps=6",
-        "run.checkpoint_every_steps=0",
-        "optim.warmup_steps=2",
-    )
-    proc = run_cmd([sys.executable, *args])
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return run_dir
+    return train_cnn_teacher(tmp_path_factory.mktemp("teacher") / "run", data, steps=6)
 
 
 @pytest.fixture(scope="module")
